@@ -1,0 +1,37 @@
+# prefalign developer commands. `make test` and `make demo` are the two that matter.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-slow lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -m "unit or integration" tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow tests
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check src tests benchmarks
+
+demo: setup
+	$(BIN)/prefalign demo --output runs/demo
+
+bench: setup
+	$(BIN)/python benchmarks/dpo_vs_trl.py
+	$(BIN)/python benchmarks/cartpole_vs_sb3.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,190 @@
+"""One dataclass per command: YAML sets defaults, command-line flags override, unknown keys are errors.
+
+Each config field carries a one-line docstring (a string literal right after the field). That line is
+the flag's ``--help`` text, so the dataclass is the only place an option is described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message says which and why."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of dataclass ``cls`` (and its bases) to the docstring written under it."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _resolve_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Strip ``Optional``: returns (inner type, is_optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML or argv value to the field's declared type, or raise ConfigError."""
+    inner, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    origin = typing.get_origin(inner)
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if inner is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if inner is float:
+            return float(value)
+        if inner is str:
+            return str(value)
+        if origin in (list, tuple):
+            (item_tp, *_) = typing.get_args(inner) or (str,)
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [_coerce(name, item_tp, v) for v in items if v != ""]
+        if origin is dict or inner is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {getattr(inner, '__name__', inner)}, got {value!r}") from None
+    return value
+
+
+def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Make a ``cls`` instance from an optional YAML file plus overrides (overrides win).
+
+    Raises:
+        ConfigError: unknown keys, wrong types, missing required fields, or a failed ``__post_init__``.
+    """
+    hints = _resolve_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of option names to values")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+        values.update(loaded)
+    for key, value in (overrides or {}).items():
+        if key not in names:
+            raise ConfigError(f"unknown option {key!r} for {cls.__name__}")
+        values[key] = value
+    values = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise ConfigError(f"missing required option(s): {flags}")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--flag`` per field of ``cls`` (help text from the field's docstring), plus ``--config``.
+
+    Defaults are left unset (``argparse.SUPPRESS``) so that only flags the user typed override YAML.
+    """
+    docs = field_docs(cls)
+    hints = _resolve_types(cls)
+    parser.add_argument("--config", default=None, metavar="YAML", help="YAML file of defaults; flags override it.")
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        flag = "--" + f.name.replace("_", "-")
+        inner, _ = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = docs.get(f.name, "")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            help_text += " (required)"
+        elif default is not None and default != "":
+            help_text += f" (default: {default})"
+        if inner is bool:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text
+            )
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build ``cls`` from a namespace filled by :func:`add_config_arguments`."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return build_config(cls, getattr(args, "config", None), overrides)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass, for YAML/JSON dumps."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (readable back by :func:`build_config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
