@@ -8,6 +8,7 @@ User mistakes (bad data, bad config) become one clear line on stderr and exit co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -30,10 +31,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's mistake and are reported without a traceback."""
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for mod, name in (("prefalign.data", "DataError"), ("prefalign.models", "ModelError")):
-        try:
+        with contextlib.suppress(ImportError, AttributeError):
             errors.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
     return tuple(errors)
 
 

@@ -36,7 +36,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):
             continue
         body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in zip(body, body[1:], strict=False):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -101,7 +101,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+def build_config(
+    cls: type[T], yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> T:
     """Make a ``cls`` instance from an optional YAML file plus overrides (overrides win).
 
     Raises:
@@ -123,7 +125,9 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: d
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(loaded) - names)
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+            raise ConfigError(
+                f"{path}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(sorted(names))})"
+            )
         values.update(loaded)
     for key, value in (overrides or {}).items():
         if key not in names:
@@ -133,7 +137,9 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: d
     missing = [
         f.name
         for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         flags = ", ".join("--" + m.replace("_", "-") for m in missing)
@@ -153,7 +159,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """
     docs = field_docs(cls)
     hints = _resolve_types(cls)
-    parser.add_argument("--config", default=None, metavar="YAML", help="YAML file of defaults; flags override it.")
+    parser.add_argument(
+        "--config", default=None, metavar="YAML", help="YAML file of defaults; flags override it."
+    )
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         flag = "--" + f.name.replace("_", "-")
         inner, _ = _base_type(hints[f.name])
@@ -165,7 +173,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += f" (default: {default})"
         if inner is bool:
             parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         else:
             parser.add_argument(

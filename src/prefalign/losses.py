@@ -1,0 +1,435 @@
+"""Pure tensor math for preference optimisation and policy-gradient RL.
+
+No models, no I/O: every function maps tensors to tensors, so each can be checked against numbers
+worked out by hand. Shapes use ``B`` for batch, ``T`` for time/tokens and ``V`` for vocabulary.
+
+Sources: Rafailov et al. 2023 (DPO), Azar et al. 2023 (IPO), Chowdhury et al. 2024 (robust DPO),
+Mitchell 2023 (conservative DPO), Zhao et al. 2023 (SLiC hinge), Meng et al. 2024 (SimPO),
+Schulman et al. 2016 (GAE) and 2017 (PPO), Ziegler et al. 2019 (RLHF), Schulman 2020 ("Approximating
+KL divergence", the k1/k2/k3 estimators).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def masked_mean(x: Tensor, mask: Tensor | None = None, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1.
+
+    Args:
+        x: values, any shape.
+        mask: 0/1 tensor broadcastable to ``x``; ``None`` means every position counts.
+        dim: reduce over this dimension only; ``None`` reduces everything to a scalar.
+
+    Returns:
+        Token-level mean: every counted position weighs the same, whichever row it is in (the PPO-RLHF
+        convention; Huang et al. 2024, "The N Implementation Details of RLHF with PPO"). An all-zero
+        mask gives 0 rather than NaN.
+    """
+    if mask is None:
+        return x.mean() if dim is None else x.mean(dim)
+    mask = mask.to(x.dtype).expand_as(x)
+    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor | None = None, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over masked positions (Bessel-corrected when ``unbiased``)."""
+    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    if unbiased:
+        n = torch.tensor(float(x.numel())) if mask is None else mask.to(x.dtype).expand_as(x).sum()
+        var = var * n / (n - 1).clamp(min=1.0)
+    return var
+
+
+def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Standardise ``x`` to unit variance (and zero mean when ``shift_mean``) over masked positions.
+
+    ``(x - mean) / sqrt(var + eps)``; with ``shift_mean=False`` the mean is added back, which is how
+    RLHF implementations whiten rewards without changing their sign. Masked-out positions are
+    returned as they were computed (callers mask them again).
+
+    Args:
+        x: any shape.
+        mask: 0/1, broadcastable to ``x``.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+# --------------------------------------------------------------------------------------------------
+# sequence log-probabilities
+
+
+def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """``log softmax(logits)[target]`` per position without a full-vocabulary log-softmax tensor.
+
+    Args:
+        logits: ``[..., V]``.
+        targets: ``[...]`` integer ids (must be valid indices; mask them before calling).
+
+    Returns:
+        ``[...]`` log-probabilities: the target's logit minus the logsumexp over the vocabulary.
+    """
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked.float() - torch.logsumexp(
+        logits.float() if logits.dtype != torch.float32 else logits, dim=-1
+    )
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, average: bool = False) -> Tensor:
+    """Sum (or mean) over counted tokens of ``log p(label)``.
+
+    Args:
+        logits: ``[B, T, V]``; HF convention: ``logits[:, t]`` predicts ``labels[:, t + 1]``.
+        labels: ``[B, T]`` aligned with the input ids; ``ignore_index`` marks uncounted positions
+            (prompt, padding).
+        average: return the mean over counted tokens instead of the sum (SimPO, IPO length control).
+
+    Returns:
+        ``[B]`` float32. Only ``[B, T]`` intermediates are built: the label logit is gathered and the
+        logsumexp subtracted, never a second ``[B, T, V]`` log-softmax.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
+    logits = logits[:, :-1]
+    labels = labels[:, 1:]
+    mask = labels != ignore_index
+    safe = labels.masked_fill(~mask, 0)
+    per_token = token_logps(logits, safe) * mask
+    total = per_token.sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# the DPO family
+
+
+@dataclass
+class DPOOutput:
+    """Per-example DPO-family results, all ``[B]``.
+
+    Attributes:
+        losses: the loss of each pair (take ``.mean()`` for the batch loss).
+        chosen_rewards: implicit rewards ``beta * (policy - reference)`` of the chosen completions, detached.
+        rejected_rewards: the same for the rejected completions, detached.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+
+
+# Each loss maps (logits, beta, label_smoothing, margin) to per-example losses, where for every type but
+# SimPO ``logits = h`` is the difference of log-ratios (chosen minus rejected), and for SimPO
+# ``logits = pc - pr`` (the reference is not used).
+LossFn = Callable[[Tensor, float, float, float], Tensor]
+
+
+def _sigmoid(h: Tensor, beta: float, eps: float, margin: float) -> Tensor:
+    """DPO (Rafailov et al. 2023): ``-log sigmoid(beta * h)``."""
+    return -F.logsigmoid(beta * h)
+
+
+def _cdpo(h: Tensor, beta: float, eps: float, margin: float) -> Tensor:
+    """Conservative DPO: labels flipped with probability ``eps``; a cross-entropy with smoothed targets."""
+    return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+
+
+def _robust(h: Tensor, beta: float, eps: float, margin: float) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024): an unbiased loss under label-flip noise of rate ``eps``."""
+    return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+def _ipo(h: Tensor, beta: float, eps: float, margin: float) -> Tensor:
+    """IPO (Azar et al. 2023): squared distance of ``h`` to ``1 / (2 beta)``."""
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def _hinge(h: Tensor, beta: float, eps: float, margin: float) -> Tensor:
+    """SLiC-HF hinge (Zhao et al. 2023): ``relu(1 - beta * h)``."""
+    return torch.relu(1 - beta * h)
+
+
+def _simpo(d: Tensor, beta: float, eps: float, margin: float) -> Tensor:
+    """SimPO (Meng et al. 2024): ``-log sigmoid(beta * (pc - pr) - margin)`` on length-averaged logps."""
+    return -F.logsigmoid(beta * d - margin)
+
+
+DPO_LOSSES: dict[str, LossFn] = {
+    "sigmoid": _sigmoid,
+    "cdpo": _cdpo,
+    "robust": _robust,
+    "ipo": _ipo,
+    "hinge": _hinge,
+    "simpo": _simpo,
+}
+"""Name -> per-example loss. A new variant is one function here plus one test."""
+
+REFERENCE_FREE_LOSSES = frozenset({"simpo"})
+"""Loss types that never look at the reference model."""
+
+
+def check_dpo_args(loss_type: str, beta: float, label_smoothing: float) -> None:
+    """Raise ``ValueError`` naming the bad value (shared by the loss and the DPO config)."""
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSSES)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    margin: float = 0.0,
+    reference_free: bool = False,
+) -> DPOOutput:
+    """The DPO family of preference losses on sequence log-probabilities.
+
+    With ``h = (pc - rc) - (pr - rr)`` (policy minus reference log-ratio, chosen minus rejected):
+
+    - ``sigmoid``: ``-logsigmoid(beta h)``
+    - ``cdpo``: ``-(1-e) logsigmoid(beta h) - e logsigmoid(-beta h)``
+    - ``robust``: ``(-(1-e) logsigmoid(beta h) + e logsigmoid(-beta h)) / (1 - 2e)``
+    - ``ipo``: ``(h - 1/(2 beta))^2``
+    - ``hinge``: ``relu(1 - beta h)``
+    - ``simpo``: ``-logsigmoid(beta (pc - pr) - margin)`` (pass length-averaged logps; reference unused)
+
+    ``e`` is ``label_smoothing``. ``margin`` is used by SimPO only (its gamma).
+
+    Args:
+        policy_chosen_logps: ``[B]`` log pi(y_w | x) under the policy.
+        policy_rejected_logps: ``[B]`` log pi(y_l | x).
+        ref_chosen_logps: ``[B]`` under the reference model; ignored (may be ``None``) when
+            ``reference_free`` or for reference-free loss types.
+        ref_rejected_logps: ``[B]``.
+        beta: inverse temperature of the implicit reward, > 0.
+        loss_type: a key of :data:`DPO_LOSSES`.
+        label_smoothing: assumed label-flip rate ``e`` in [0, 0.5) (``cdpo``/``robust``).
+        margin: SimPO's target reward margin gamma.
+        reference_free: treat the reference log-probs as 0 (an implicit uniform reference).
+
+    Returns:
+        :class:`DPOOutput` with ``[B]`` losses and detached rewards ``beta (policy - reference)``
+        (for SimPO, ``beta * policy``).
+
+    Raises:
+        ValueError: unknown ``loss_type``, ``beta <= 0``, or ``label_smoothing`` outside [0, 0.5).
+    """
+    check_dpo_args(loss_type, beta, label_smoothing)
+    if reference_free or loss_type in REFERENCE_FREE_LOSSES or ref_chosen_logps is None:
+        if ref_chosen_logps is None and not (reference_free or loss_type in REFERENCE_FREE_LOSSES):
+            raise ValueError(f"loss_type {loss_type!r} needs reference log-probs (or reference_free=True)")
+        ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
+        ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
+    assert ref_rejected_logps is not None
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    losses = DPO_LOSSES[loss_type](h, beta, label_smoothing, margin)
+    return DPOOutput(
+        losses=losses,
+        chosen_rewards=(beta * chosen_ratio).detach(),
+        rejected_rewards=(beta * rejected_ratio).detach(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# reward model
+
+
+def bradley_terry_loss(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None
+) -> Tensor:
+    """Negative log-likelihood of the Bradley-Terry preference model.
+
+    ``P(y_w > y_l) = sigmoid(r_w - r_l)``; loss ``= mean(-logsigmoid(r_w - r_l - margin))``. The
+    optional per-pair ``margin`` is Llama 2's graded-preference margin (Touvron et al. 2023).
+
+    Args:
+        chosen_rewards: ``[B]`` scalar rewards of the preferred completions.
+        rejected_rewards: ``[B]``.
+        margin: ``[B]`` or ``None`` (zero).
+
+    Returns:
+        A scalar.
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# advantage estimation and PPO
+
+
+def gae(
+    rewards: Tensor, values: Tensor, dones: Tensor, next_value: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), time on the last dimension.
+
+    ``delta_t = r_t + gamma * V(s_{t+1}) * (1 - done_t) - V(s_t)`` and
+    ``A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}``, where ``V(s_{T})`` is ``next_value``.
+
+    Args:
+        rewards: ``[..., T]``.
+        values: ``[..., T]`` value estimates of the states where each reward was received.
+        dones: ``[..., T]``; 1 where the episode ended at step t (nothing is bootstrapped past it).
+        next_value: ``[...]`` value of the state after the last step.
+        gamma: discount factor.
+        lam: GAE lambda (0 gives the one-step TD error, 1 the Monte-Carlo return minus V).
+
+    Returns:
+        ``(advantages, returns)``, both ``[..., T]``, with ``returns = advantages + values``. Computed
+        without gradient.
+    """
+    with torch.no_grad():
+        T = rewards.shape[-1]
+        notdone = 1.0 - dones.to(rewards.dtype)
+        advantages = torch.zeros_like(rewards)
+        running = torch.zeros_like(rewards[..., 0])
+        upcoming = next_value.to(rewards.dtype)
+        for t in range(T - 1, -1, -1):
+            delta = rewards[..., t] + gamma * upcoming * notdone[..., t] - values[..., t]
+            running = delta + gamma * lam * notdone[..., t] * running
+            advantages[..., t] = running
+            upcoming = values[..., t]
+        return advantages, advantages + values
+
+
+def ppo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    clip: float = 0.2,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017), to be minimised.
+
+    ``ratio = exp(logprobs - old_logprobs)``;
+    ``loss = masked_mean(max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip)))``.
+
+    Args:
+        logprobs: ``[...]`` log pi_theta(a|s) of the taken actions/tokens (with gradient).
+        old_logprobs: ``[...]`` under the policy that collected the data.
+        advantages: ``[...]``.
+        mask: 0/1 ``[...]`` of counted positions (response tokens).
+        clip: the clip range epsilon.
+
+    Returns:
+        ``(loss, stats)``: stats holds ``clipfrac`` (share of positions where the clipped term was
+        taken) and ``approx_kl`` (``masked_mean(0.5 (logprobs - old)^2)``), both detached.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+        }
+    return loss, stats
+
+
+def ppo_kl_penalty_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    beta: float = 0.01,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's adaptive-KL-penalty objective (Schulman et al. 2017, section 4), to be minimised.
+
+    ``loss = masked_mean(-A ratio + beta * KL)`` with the per-sample KL(old || new) estimate
+    ``k3 = exp(new - old) - 1 - (new - old)`` (unbiased, non-negative; Schulman 2020).
+
+    Returns:
+        ``(loss, stats)`` with ``kl`` (the masked mean penalty term before ``beta``) and ``approx_kl``.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    kl = ratio - 1 - log_ratio
+    loss = masked_mean(-advantages * ratio + beta * kl, mask)
+    with torch.no_grad():
+        stats = {"kl": masked_mean(kl, mask), "approx_kl": masked_mean(0.5 * log_ratio**2, mask)}
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor | None = None, clip: float | None = None
+) -> Tensor:
+    """Value-function loss, optionally clipped around the values at collection time.
+
+    ``0.5 * masked_mean(max((v - R)^2, (clip(v, old - c, old + c) - R)^2))``; with ``clip=None`` just
+    ``0.5 * masked_mean((v - R)^2)``.
+
+    Args:
+        values: ``[...]`` current predictions (with gradient).
+        old_values: ``[...]`` predictions when the data was collected.
+        returns: ``[...]`` targets.
+        mask: 0/1 ``[...]``.
+        clip: clip range ``c`` or ``None``.
+    """
+    loss = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution at each position: ``[..., V] -> [...]``."""
+    logz = torch.logsumexp(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return logz - (probs * logits).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL estimators
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {
+    "k1": lambda d: d,
+    "k2": lambda d: 0.5 * d**2,
+    "k3": lambda d: torch.expm1(-d) + d,
+}
+"""Per-sample estimators of KL(pi || ref) from ``d = logp - logp_ref`` with samples drawn from pi."""
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman 2020).
+
+    With ``d = logprobs - ref_logprobs``: ``k1 = d`` (unbiased, can be negative), ``k2 = d^2 / 2``
+    (biased, low variance), ``k3 = exp(-d) - 1 + d`` (unbiased and non-negative).
+
+    Args:
+        logprobs: ``[...]`` log pi of the sampled tokens.
+        ref_logprobs: ``[...]`` log ref of the same tokens.
+        kind: ``"k1"``, ``"k2"`` or ``"k3"``.
+    """
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[kind](logprobs - ref_logprobs)
