@@ -1,0 +1,423 @@
+"""PPO and A2C for gymnasium environments with discrete or continuous (Gaussian) actions.
+
+The algorithm follows Schulman et al. 2017 ("Proximal Policy Optimization Algorithms") with the
+implementation details catalogued by Huang et al. 2022 ("The 37 Implementation Details of PPO",
+the CleanRL blog post): vectorised environments, GAE (Schulman et al. 2016), per-minibatch advantage
+normalisation, clipped surrogate, optionally clipped value loss, entropy bonus, global gradient-norm
+clipping, linear learning-rate annealing, orthogonal initialisation. A2C (Mnih et al. 2016) is the
+same loop with one gradient step per rollout, where the surrogate's ratio is 1 and its gradient is
+the plain policy gradient ``-A grad log pi``. The default hyper-parameters for CartPole-v1 are
+rl-zoo3's tuned PPO settings (Raffin et al.), used by the Stable-Baselines3 baseline.
+
+Episode boundaries with gymnasium >= 1.0 vector envs (autoreset mode ``NEXT_STEP``): the step that
+ends an episode returns the episode's final observation, and the *next* call to ``step`` ignores the
+action and returns the reset observation with reward 0. So in the rollout buffer
+
+* a step that ends an episode has ``done = 1`` (no bootstrapping past it);
+* if it was truncated (time limit) rather than terminated, the final state is not absorbing: its value
+  ``V(s_final)`` is added to the reward as ``gamma * V(s_final)`` (Pardo et al. 2018). ``s_final`` is
+  the observation stored at the next row (or the one after the rollout), whose value was computed
+  anyway;
+* the following reset step is not a transition of the MDP: its mask is 0 and it enters no loss, no
+  advantage normalisation and no statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from prefalign.config import ConfigError, config_to_dict
+from prefalign.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
+
+
+@dataclass
+class PPOConfig:
+    """Train an actor-critic on a gymnasium environment with PPO (or A2C) and evaluate it."""
+
+    env: str = "CartPole-v1"
+    """Gymnasium environment id (discrete or Box action space)."""
+    seed: int = 0
+    """Seed for torch, the training envs and the evaluation envs."""
+    total_steps: int = 100_000
+    """Budget of environment steps (all vectorised envs together)."""
+    output: str = "runs/ppo"
+    """Folder for summary.json and metrics.jsonl."""
+    algo: str = "ppo"
+    """ppo, or a2c (one gradient step on the whole rollout; epochs and minibatch_size unused)."""
+    num_envs: int = 8
+    """Parallel environments."""
+    rollout_steps: int = 32
+    """Steps per environment between updates (batch = num_envs * rollout_steps)."""
+    epochs: int = 20
+    """Passes over each rollout."""
+    minibatch_size: int = 256
+    """Transitions per gradient step."""
+    lr: float = 1e-3
+    """Adam learning rate (linearly annealed to 0 when anneal_lr)."""
+    anneal_lr: bool = True
+    """Anneal the learning rate linearly to 0 over total_steps."""
+    gamma: float = 0.98
+    """Discount factor."""
+    gae_lambda: float = 0.8
+    """GAE lambda."""
+    clip: float = 0.2
+    """PPO ratio clip range epsilon."""
+    value_clip: float | None = None
+    """Clip range for the value loss around the rollout's values; None disables it."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    norm_adv: bool = True
+    """Normalise advantages within each minibatch."""
+    hidden: int = 64
+    """Width of the two tanh hidden layers of the actor and of the critic."""
+    eval_every: int = 8192
+    """Deterministic evaluation every this many env steps (0: only at the end)."""
+    eval_episodes: int = 10
+    """Episodes per deterministic evaluation."""
+    target_return: float | None = None
+    """Stop once an evaluation's mean return reaches this (e.g. 475 for CartPole-v1); None: use the budget."""
+    vectorization: str = "auto"
+    """auto (the env's native vector version if it has one, else sync), sync, or async."""
+    threads: int = 1
+    """torch CPU threads (small networks are fastest on one)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.algo not in ("ppo", "a2c"):
+            raise ConfigError(f"algo must be ppo or a2c, got {self.algo!r}")
+        for name in ("total_steps", "num_envs", "rollout_steps", "epochs", "minibatch_size", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
+        if self.lr <= 0 or self.clip <= 0:
+            raise ConfigError(f"lr and clip must be > 0, got {self.lr}, {self.clip}")
+        if self.vectorization not in ("auto", "sync", "async"):
+            raise ConfigError(f"vectorization must be auto, sync or async, got {self.vectorization!r}")
+
+
+def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out)
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _mlp(n_in: int, hidden: int, n_out: int, out_gain: float) -> nn.Sequential:
+    g = math.sqrt(2.0)
+    return nn.Sequential(
+        _layer(n_in, hidden, g),
+        nn.Tanh(),
+        _layer(hidden, hidden, g),
+        nn.Tanh(),
+        _layer(hidden, n_out, out_gain),
+    )
+
+
+class ActorCritic(nn.Module):
+    """Separate actor and critic MLPs; categorical or diagonal-Gaussian (state-independent std) policy.
+
+    Args:
+        obs_dim: flattened observation size.
+        act_dim: number of discrete actions, or the Box action dimension.
+        discrete: categorical (True) or Gaussian (False) policy.
+        hidden: hidden width.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, hidden: int = 64) -> None:
+        super().__init__()
+        self.discrete = discrete
+        self.actor = _mlp(obs_dim, hidden, act_dim, 0.01)
+        self.critic = _mlp(obs_dim, hidden, 1, 1.0)
+        self.log_std = None if discrete else nn.Parameter(torch.zeros(act_dim))
+
+    def value(self, obs: Tensor) -> Tensor:
+        """``V(s)``: ``[B, obs_dim] -> [B]``."""
+        return self.critic(obs).squeeze(-1)
+
+    def dist(self, obs: Tensor) -> torch.distributions.Distribution:
+        """Action distribution for a batch ``[B, obs_dim]``."""
+        out = self.actor(obs)
+        if self.discrete:
+            return torch.distributions.Categorical(logits=out, validate_args=False)
+        return torch.distributions.Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+
+    def log_prob_entropy(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """``log pi(a|s)`` and entropy, each ``[B]`` (summed over action dimensions if Gaussian)."""
+        d = self.dist(obs)
+        logp, ent = d.log_prob(actions), d.entropy()
+        if not self.discrete:
+            logp, ent = logp.sum(-1), ent.sum(-1)
+        return logp, ent
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+        """Sample (or take the mode of) the policy: returns ``(actions [B] or [B, act_dim], log_probs [B])``."""
+        d = self.dist(obs)
+        if deterministic:
+            a = d.probs.argmax(-1) if self.discrete else d.mean
+        else:
+            a = d.sample()
+        logp = d.log_prob(a)
+        return a, (logp if self.discrete else logp.sum(-1))
+
+
+def make_envs(env_id: str, num_envs: int, vectorization: str = "auto") -> gym.vector.VectorEnv:
+    """A gymnasium vector env in ``NEXT_STEP`` autoreset mode (the only mode the rollout handles)."""
+    mode = None if vectorization == "auto" else vectorization
+    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode)
+    autoreset = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    if AutoresetMode(autoreset) != AutoresetMode.NEXT_STEP:
+        raise ValueError(f"{env_id}: autoreset mode {autoreset} is not supported (need NEXT_STEP)")
+    return envs
+
+
+def _env_actions(actions: Tensor, space: gym.Space) -> np.ndarray:
+    a = actions.numpy()
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(a, space.low, space.high).astype(space.dtype)
+    return a.astype(np.int64)
+
+
+@dataclass
+class Rollout:
+    """One batch of experience, time first: every field is ``[T, N, ...]``.
+
+    ``rewards`` already include ``gamma * V(s_final)`` on truncated steps; ``mask`` is 0 on reset
+    steps (the step after an episode ended), which are not transitions of the MDP.
+    """
+
+    obs: Tensor
+    actions: Tensor
+    logprobs: Tensor
+    values: Tensor
+    rewards: Tensor
+    dones: Tensor
+    mask: Tensor
+    next_value: Tensor  # [N]
+
+
+class RolloutCollector:
+    """Steps a vector env with a policy, tracking episode boundaries across rollouts."""
+
+    def __init__(self, envs: gym.vector.VectorEnv, seed: int, gamma: float) -> None:
+        self.envs, self.gamma = envs, gamma
+        obs, _ = envs.reset(seed=seed)
+        self.obs = torch.as_tensor(obs, dtype=torch.float32).reshape(envs.num_envs, -1)
+        self.reset_next = np.zeros(envs.num_envs, dtype=bool)  # the coming step is a reset step
+        self.ep_return = np.zeros(envs.num_envs)
+        self.ep_length = np.zeros(envs.num_envs, dtype=int)
+        self.finished: list[tuple[float, int]] = []  # (return, length) of episodes ended since last read
+
+    def collect(self, model: ActorCritic, steps: int) -> Rollout:
+        """Run ``steps`` vector steps; returns the rollout (see :class:`Rollout`)."""
+        N = self.envs.num_envs
+        obs_b = torch.zeros((steps, N, self.obs.shape[1]))
+        act_b: list[Tensor] = []
+        logp_b, val_b, rew_b = torch.zeros(steps, N), torch.zeros(steps, N), torch.zeros(steps, N)
+        term_b, trunc_b, mask_b = (np.zeros((steps, N), dtype=bool) for _ in range(3))
+        space = self.envs.single_action_space
+        for t in range(steps):
+            obs_b[t] = self.obs
+            with torch.no_grad():
+                a, logp = model.act(self.obs)
+                val_b[t] = model.value(self.obs)
+            obs, r, term, trunc, _ = self.envs.step(_env_actions(a, space))
+            act_b.append(a)
+            logp_b[t] = logp
+            rew_b[t] = torch.as_tensor(r, dtype=torch.float32)
+            mask_b[t] = ~self.reset_next
+            term_b[t], trunc_b[t] = term & mask_b[t], trunc & ~term & mask_b[t]
+            self._track(r, mask_b[t], term_b[t] | trunc_b[t])
+            self.reset_next = term_b[t] | trunc_b[t]
+            self.obs = torch.as_tensor(obs, dtype=torch.float32).reshape(N, -1)
+        with torch.no_grad():
+            next_value = model.value(self.obs)
+        # V(s_{t+1}) for every row: the value of the stored next observation (the final one when done).
+        v_next = torch.cat([val_b[1:], next_value[None]], dim=0)
+        trunc_t = torch.as_tensor(trunc_b)
+        rewards = rew_b + self.gamma * v_next * trunc_t
+        dones = torch.as_tensor(term_b | trunc_b, dtype=torch.float32)
+        return Rollout(
+            obs_b,
+            torch.stack(act_b),
+            logp_b,
+            val_b,
+            rewards,
+            dones,
+            torch.as_tensor(mask_b, dtype=torch.float32),
+            next_value,
+        )
+
+    def _track(self, r: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
+        self.ep_return += np.where(valid, r, 0.0)
+        self.ep_length += valid
+        for i in np.flatnonzero(done):
+            self.finished.append((float(self.ep_return[i]), int(self.ep_length[i])))
+            self.ep_return[i], self.ep_length[i] = 0.0, 0
+
+
+def advantages_and_returns(ro: Rollout, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """GAE over a rollout via ``prefalign.losses.gae`` (time on the last dimension): ``[T, N]`` each."""
+    adv, ret = gae(ro.rewards.T, ro.values.T, ro.dones.T, ro.next_value, gamma, lam)
+    return adv.T, ret.T
+
+
+def update(
+    model: ActorCritic, opt: torch.optim.Optimizer, ro: Rollout, cfg: PPOConfig, gen: torch.Generator
+) -> dict[str, float]:
+    """PPO epochs over one rollout (or one A2C step); returns mean statistics over gradient steps."""
+    adv, ret = advantages_and_returns(ro, cfg.gamma, cfg.gae_lambda)
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    obs, act, old_logp, old_v = flat(ro.obs), flat(ro.actions), flat(ro.logprobs), flat(ro.values)
+    adv, ret, mask = flat(adv), flat(ret), flat(ro.mask)
+    n = obs.shape[0]
+    epochs, mb = (1, n) if cfg.algo == "a2c" else (cfg.epochs, min(cfg.minibatch_size, n))
+    stats: dict[str, list[float]] = {}
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n - mb + 1, mb):
+            i = perm[start : start + mb]
+            m = mask[i]
+            if m.sum() < 2:
+                continue
+            logp, ent = model.log_prob_entropy(obs[i], act[i])
+            a = whiten(adv[i], m) if cfg.norm_adv else adv[i]
+            pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[i], a, m, clip=cfg.clip)
+            v_loss = ppo_value_loss(model.value(obs[i]), old_v[i], ret[i], m, clip=cfg.value_clip)
+            entropy = masked_mean(ent, m)
+            loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            for k, v in (
+                ("loss", loss),
+                ("policy/loss", pg_loss),
+                ("value/loss", v_loss),
+                ("policy/entropy", entropy),
+                ("policy/approx_kl", pg_stats["approx_kl"]),
+                ("policy/clipfrac", pg_stats["clipfrac"]),
+            ):
+                stats.setdefault(k, []).append(float(v.detach()))
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    valid = mask.bool()
+    var_ret = ret[valid].var()
+    out["value/explained_variance"] = (
+        float(1 - (ret[valid] - old_v[valid]).var() / var_ret) if var_ret > 0 else 0.0
+    )
+    return out
+
+
+def evaluate(model: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndarray:
+    """Returns of ``episodes`` deterministic episodes (policy mode), run side by side; shape ``[episodes]``.
+
+    Episode ``i`` starts from ``reset(seed=seed + i)``.
+    """
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(episodes)])
+    obs, _ = envs.reset(seed=[seed + i for i in range(episodes)])
+    returns = np.zeros(episodes)
+    running = np.ones(episodes, dtype=bool)
+    while running.any():
+        a, _ = model.act(torch.as_tensor(obs, dtype=torch.float32).reshape(episodes, -1), deterministic=True)
+        obs, r, term, trunc, _ = envs.step(_env_actions(a, envs.single_action_space))
+        returns += np.where(running, r, 0.0)
+        running &= ~(term | trunc)
+    envs.close()
+    return returns
+
+
+def train(cfg: PPOConfig) -> dict[str, Any]:
+    """Train, evaluate periodically, write ``summary.json`` and ``metrics.jsonl`` under ``cfg.output``.
+
+    Returns:
+        The summary: ``eval_return_mean``/``eval_return_std`` (last deterministic evaluation, 10
+        episodes by default), ``env_steps`` (vector steps x envs, reset steps included),
+        ``solved_steps`` (env steps at the first evaluation reaching ``target_return``, else None),
+        ``wall_seconds`` (training and evaluations), and the config.
+    """
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    envs = make_envs(cfg.env, cfg.num_envs, cfg.vectorization)
+    space = envs.single_action_space
+    discrete = isinstance(space, gym.spaces.Discrete)
+    if not discrete and not isinstance(space, gym.spaces.Box):
+        raise ConfigError(f"{cfg.env}: action space {space} is neither Discrete nor Box")
+    obs_dim = int(np.prod(envs.single_observation_space.shape))
+    model = ActorCritic(
+        obs_dim, int(space.n) if discrete else int(np.prod(space.shape)), discrete, cfg.hidden
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    collector = RolloutCollector(envs, cfg.seed, cfg.gamma)
+    batch = cfg.num_envs * cfg.rollout_steps
+    n_updates = max(1, cfg.total_steps // batch)
+    steps, solved, next_eval, last_eval = 0, None, cfg.eval_every or math.inf, None
+    recent: list[float] = []
+    bar = tqdm(total=n_updates * batch, unit="step", disable=not cfg.progress, desc=f"{cfg.algo} {cfg.env}")
+    with open(out_dir / "metrics.jsonl", "w") as log:
+        for u in range(n_updates):
+            if cfg.anneal_lr:
+                opt.param_groups[0]["lr"] = cfg.lr * (1.0 - u / n_updates)
+            ro = collector.collect(model, cfg.rollout_steps)
+            steps += batch
+            row: dict[str, Any] = {"env_steps": steps, "lr": opt.param_groups[0]["lr"]}
+            row.update(update(model, opt, ro, cfg, gen))
+            if collector.finished:
+                recent = ([r for r, _ in collector.finished] + recent)[:20]
+                row["rollout/episodic_return"] = float(np.mean([r for r, _ in collector.finished]))
+                row["rollout/episodic_length"] = float(np.mean([n for _, n in collector.finished]))
+                collector.finished.clear()
+            if steps >= next_eval or u == n_updates - 1:
+                rets = evaluate(model, cfg.env, cfg.eval_episodes, cfg.seed + 10_000)
+                last_eval = (float(rets.mean()), float(rets.std()))
+                row["val/return_mean"], row["val/return_std"] = last_eval
+                next_eval += cfg.eval_every or math.inf
+                if cfg.target_return is not None and last_eval[0] >= cfg.target_return and solved is None:
+                    solved = steps
+            row["wall_seconds"] = time.perf_counter() - t0
+            log.write(json.dumps(row) + "\n")
+            bar.update(batch)
+            bar.set_postfix(
+                ret=f"{np.mean(recent):.1f}" if recent else "-",
+                eval=f"{last_eval[0]:.1f}" if last_eval else "-",
+            )
+            if solved is not None:
+                break
+    bar.close()
+    envs.close()
+    summary = {
+        "env": cfg.env,
+        "algo": cfg.algo,
+        "seed": cfg.seed,
+        "env_steps": steps,
+        "solved_steps": solved,
+        "eval_return_mean": last_eval[0],
+        "eval_return_std": last_eval[1],
+        "eval_episodes": cfg.eval_episodes,
+        "wall_seconds": time.perf_counter() - t0,
+        "config": config_to_dict(cfg),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    torch.save(model.state_dict(), out_dir / "model.pt")
+    return summary
