@@ -243,6 +243,10 @@ def _check_field(row: Row, where: str, name: str) -> str | Messages:
     if name not in row:
         raise DataError(f'{where}: missing field "{name}" (fields: {", ".join(map(str, row)) or "none"})')
     value = row[name]
+    if value is not None and not isinstance(value, (str, list)):
+        raise DataError(
+            f'{where}: field "{name}" must be text or a list of messages, got {type(value).__name__}'
+        )
     return _check_messages(value, where, name) if isinstance(value, list) else _check_text(value, where, name)
 
 
@@ -293,7 +297,7 @@ def _split_implicit(
     _check_prompt_messages(prompt, where, "the shared prefix of chosen and rejected")
     _as_completion(c, where, f"chosen[{n}:]")
     _as_completion(r, where, f"rejected[{n}:]")
-    if "prompt" in row:
+    if row.get("prompt") is not None:  # columnar formats fill a missing prompt with null
         given = _check_field(row, where, "prompt")
         expected = [{"role": "user", "content": given}] if isinstance(given, str) else given
         if expected != prompt:
@@ -304,8 +308,12 @@ def _split_implicit(
 
 
 def _is_whole_conversation(value: Any) -> bool:
-    return isinstance(value, list) and any(
-        isinstance(m, dict) and m.get("role") != "assistant" for m in value
+    """A message list that starts with a non-assistant turn holds its own prompt."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and isinstance(value[0], dict)
+        and value[0].get("role") != "assistant"
     )
 
 
@@ -323,11 +331,7 @@ def validate_preference(row: Any, where: str) -> Row:
         raise DataError(f"{where}: expected an object with prompt/chosen/rejected, got {type(row).__name__}")
     chosen = _check_field(row, where, "chosen")
     rejected = _check_field(row, where, "rejected")
-    if _is_whole_conversation(chosen) or _is_whole_conversation(rejected):
-        if isinstance(chosen, str) or isinstance(rejected, str):
-            raise DataError(
-                f"{where}: chosen and rejected must both be conversations when either holds a prompt"
-            )
+    if _is_whole_conversation(chosen) and _is_whole_conversation(rejected):
         prompt, c, r = _split_implicit(row, chosen, rejected, where)
         return {**row, "prompt": prompt, "chosen": c, "rejected": r}
     if "prompt" not in row and isinstance(chosen, str):
