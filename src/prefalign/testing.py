@@ -8,6 +8,9 @@ that chat-template code paths run exactly as they do on the real model.
 from __future__ import annotations
 
 import functools
+import json
+import random
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -100,3 +103,56 @@ def tiny_causal_lm(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.float().eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic preference data with a learnable rule (positive words are preferred)
+
+MOVIES = [
+    "Titanic",
+    "Alien",
+    "Heat",
+    "Up",
+    "Jaws",
+    "Rocky",
+    "Psycho",
+    "Vertigo",
+    "Amelie",
+    "Fargo",
+    "Memento",
+    "Gravity",
+    "Inception",
+    "Arrival",
+    "Coco",
+    "Her",
+]
+GOOD = ["wonderful", "moving", "brilliant", "delightful", "gripping", "beautiful", "superb", "charming"]
+BAD = ["boring", "clumsy", "dull", "tedious", "messy", "forgettable", "awful", "lifeless"]
+
+
+def synthetic_pairs(n: int, seed: int = 0, chat: bool = False) -> list[dict]:
+    """``n`` pairs whose chosen review uses positive words and whose rejected review negative ones."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        movie = rng.choice(MOVIES)
+        good = " and ".join(rng.sample(GOOD, 2))
+        bad = " and ".join(rng.sample(BAD, 2))
+        row = {
+            "prompt": f"Write a short review of the movie {movie}.",
+            "chosen": f"{movie} is {good}.",
+            "rejected": f"{movie} is {bad}.",
+        }
+        if chat:
+            row = {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]}],
+            }
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
