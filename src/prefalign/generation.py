@@ -1,0 +1,504 @@
+"""Batched sampling with a KV cache from any causal LM, returning tokens, text and per-token log-probs.
+
+The loop is written out (rather than calling ``model.generate``) because RLHF needs what it keeps:
+the log-probability of every sampled token under the policy's own distribution, a response mask that
+covers exactly the generated tokens up to and including the stop token, and left-padded prompts with
+position ids that start at 0 on each prompt's first real token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from prefalign.data import DataError, end_of_turn_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationOutput:
+    """What :func:`generate` returns, row ``i`` for ``prompts[i]``.
+
+    Attributes:
+        prompt_ids: ``[B, P]`` prompts, left padded with the pad id.
+        prompt_mask: ``[B, P]`` 1 on real prompt tokens.
+        response_ids: ``[B, R]`` generated tokens, right padded with the pad id.
+        response_mask: ``[B, R]`` 1 on generated tokens up to and including the stop token.
+        logprobs: ``[B, R]`` float32 log-prob of each generated token under the model's raw logits
+            (no temperature, top-k or top-p), i.e. ``log pi(a_t | s_t)`` of the policy PPO optimises;
+            0 where ``response_mask`` is 0.
+        finished: ``[B]`` bool, True where the row ended with a stop token (False: hit the length cap).
+        texts: decoded responses, special tokens removed.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    logprobs: Tensor
+    finished: Tensor
+    texts: list[str]
+
+    def sequences(self) -> tuple[Tensor, Tensor]:
+        """Prompt and response joined: ``(input_ids [B, P+R], attention_mask [B, P+R])``.
+
+        Feed these (with :func:`position_ids_from_mask`) to a model to score the responses again;
+        the response token at column ``P + t`` is predicted by the logits at column ``P + t - 1``.
+        """
+        return sequence_ids(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)
+
+
+def sequence_ids(
+    prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Concatenate left-padded prompts ``[B, P]`` and right-padded responses ``[B, R]``.
+
+    Returns:
+        ``input_ids [B, P+R]`` and ``attention_mask [B, P+R]`` (1 on real prompt and response tokens).
+    """
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask.to(response_mask.dtype), response_mask], dim=1)
+    return input_ids, attention_mask
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids ``[B, T]`` that count real tokens from 0, so left padding does not shift them.
+
+    Padding positions get 0 (they are masked anyway). For a row ``[0, 0, 1, 1, 1]`` this is
+    ``[0, 0, 0, 1, 2]``.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Tokens that end a response: the tokenizer's EOS, the chat template's end-of-turn token, and the
+    model's ``generation_config.eos_token_id`` (which may be a list)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    with contextlib.suppress(DataError):  # no template and no EOS: the other sources may still give one
+        ids.add(int(end_of_turn_id(tokenizer)))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, list | tuple) else [gen_eos]))
+    return sorted(ids)
+
+
+def _check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 means off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 means off), got {top_p}")
+
+
+def warp_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Apply temperature, then top-k, then top-p (nucleus) filtering; removed tokens get ``-inf``.
+
+    Args:
+        logits: ``[B, V]``.
+        temperature: divides the logits (> 0).
+        top_k: keep the ``top_k`` largest logits (0: keep all).
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
+            (Holtzman et al. 2020); the most likely token is always kept.
+
+    Returns:
+        ``[B, V]`` warped logits.
+    """
+    scores = logits / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        scores = _top_p_filter(scores, top_p)
+    return scores
+
+
+def _top_p_filter(scores: Tensor, top_p: float, first_k: int = 256) -> Tensor:
+    """Nucleus filter of ``scores [B, V]`` without sorting the whole vocabulary when it can be avoided.
+
+    The nucleus is a prefix of the tokens sorted by probability, so if the ``k`` most likely tokens
+    already hold ``top_p`` of the mass, sorting those ``k`` gives the exact answer. ``k`` starts at
+    ``first_k`` and grows 8x until that holds (or covers the vocabulary): a full sort of 49k logits costs
+    tens of ms on a laptop CPU, ``topk(256)`` well under one.
+    """
+    vocab = scores.shape[-1]
+    log_total = scores.logsumexp(-1, keepdim=True)
+    k = first_k
+    while True:
+        if k * 4 >= vocab:  # topk over most of the vocabulary is slower than a sort
+            top, index = torch.sort(scores, dim=-1, descending=True)
+            probs = (top - log_total).exp()
+            break
+        top, index = torch.topk(scores, k, dim=-1)  # sorted, most likely first
+        probs = (top - log_total).exp()
+        if bool((probs.sum(-1) >= top_p).all()):
+            break
+        k *= 8
+    remove = (probs.cumsum(-1) - probs) >= top_p  # mass of the strictly more likely tokens already enough
+    remove[:, 0] = False
+    kept = torch.full_like(scores, float("-inf"))
+    return kept.scatter(-1, index, top.masked_fill(remove, float("-inf")))
+
+
+def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of ``probs [B, V]``: ``argmax(p / E)`` with ``E ~ Exponential(1)``.
+
+    ``P(argmax = i) = p_i / sum(p)`` (the exponential race; equivalent to Gumbel-max), exact like
+    ``torch.multinomial`` and faster on large vocabularies.
+    """
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def _forward_kwargs(model: Any) -> tuple[str, bool]:
+    """The KV-cache keyword of this transformers version and whether ``logits_to_keep`` is accepted."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, "logits_to_keep" in params
+
+
+def _cache_of(out: Any) -> Any:
+    for key in ("cache", "past_key_values"):
+        value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
+        if value is not None:
+            return value
+    raise RuntimeError(f"{type(out).__name__} returned no KV cache although use_cache=True")
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _generate_batch(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    stops: Tensor,
+    max_new_tokens: int,
+    sample: dict[str, Any] | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, ...]:
+    """One batch of the sampling loop. ``sample=None`` means greedy; else warp settings.
+
+    Returns:
+        prompt_ids [b, P], prompt_mask [b, P], response_ids [b, R], response_mask [b, R],
+        logprobs [b, R], finished [b].
+    """
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = _left_pad(prompts, pad_id, device)
+    cache_kw, keep_kw = _forward_kwargs(model)
+    extra = {"logits_to_keep": 1} if keep_kw else {}
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        use_cache=True,
+        **extra,
+    )
+    batch = len(prompts)
+    attention = prompt_mask
+    position = prompt_mask.sum(-1, keepdim=True)  # next position id of each row: its prompt length
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens: list[Tensor] = []
+    logps: list[Tensor] = []
+    masks: list[Tensor] = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if sample is None:
+            token = logits.argmax(-1)
+        else:
+            probs = warp_logits(logits, **sample).softmax(-1)
+            token = _sample(probs, generator)
+        token = token.masked_fill(done, pad_id)
+        logp = logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+        tokens.append(token)
+        logps.append(logp.masked_fill(done, 0.0))
+        masks.append((~done).long())
+        done = done | torch.isin(token, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention,
+            position_ids=position,
+            use_cache=True,
+            **{cache_kw: _cache_of(out)},
+        )
+        position = position + 1
+    return (
+        prompt_ids,
+        prompt_mask,
+        torch.stack(tokens, 1),
+        torch.stack(masks, 1),
+        torch.stack(logps, 1),
+        done,
+    )
+
+
+def _pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
+    extra = width - x.shape[1]
+    if extra == 0:
+        return x
+    return F.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    stop_ids: Sequence[int] | None = None,
+    progress: bool | None = None,
+) -> GenerationOutput:
+    """Sample responses to token-id prompts with a KV cache, in batches.
+
+    Each batch is left padded; position ids count real tokens only, so a prompt's continuation does not
+    depend on how much padding its batch needed (greedy batched output equals unbatched). A row stops at
+    its first stop token; later columns are padding with mask 0. The model runs in eval mode under
+    ``torch.no_grad`` and its previous train/eval mode is restored.
+
+    Args:
+        model: a causal LM (transformers or peft) taking ``input_ids, attention_mask, position_ids``
+            and a KV cache.
+        tokenizer: gives the pad id (EOS if there is none) and the text decoding.
+        prompts: ``B`` lists of token ids (e.g. from :func:`prefalign.data.encode_prompt`), each non-empty.
+        max_new_tokens: length cap of each response.
+        temperature: divides the logits before sampling; 0 means greedy.
+        top_k: sample among the ``top_k`` most likely tokens (0: off); ``top_k=1`` is greedy.
+        top_p: nucleus sampling threshold (1: off).
+        do_sample: False means greedy decoding (argmax of the raw logits).
+        seed: seeds a private ``torch.Generator``, so the same seed gives the same samples for the
+            same prompts and ``batch_size``; None uses the global RNG.
+        batch_size: prompts per forward batch; None means all at once.
+        stop_ids: tokens that end a response; default :func:`stop_token_ids`.
+        progress: show a progress bar over batches; None shows one when there are several batches.
+
+    Returns:
+        A :class:`GenerationOutput`. ``logprobs`` are under the raw logits (temperature 1, no
+        filtering): the policy's actual distribution, which PPO's importance ratio needs; sampling
+        itself uses the warped distribution.
+
+    Raises:
+        ValueError: no prompts, an empty prompt, or a setting out of range.
+    """
+    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    if len(prompts) == 0:
+        raise ValueError("generate() got no prompts")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty (0 tokens); every prompt needs at least one token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an EOS token to pad with")
+    device = next(model.parameters()).device
+    stops = torch.as_tensor(list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model))
+    sample = (
+        dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample and temperature > 0 else None
+    )
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    size = batch_size or len(prompts)
+    chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    show = len(chunks) > 1 if progress is None else progress
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            parts = [
+                _generate_batch(model, chunk, pad_id, stops.to(device), max_new_tokens, sample, generator)
+                for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not show)
+            ]
+    finally:
+        model.train(was_training)
+    width_p = max(p[0].shape[1] for p in parts)
+    width_r = max(p[2].shape[1] for p in parts)
+    prompt_ids = torch.cat([_pad_to(p[0], width_p, pad_id, left=True) for p in parts])
+    prompt_mask = torch.cat([_pad_to(p[1], width_p, 0, left=True) for p in parts])
+    response_ids = torch.cat([_pad_to(p[2], width_r, pad_id, left=False) for p in parts])
+    response_mask = torch.cat([_pad_to(p[3], width_r, 0, left=False) for p in parts])
+    logprobs = torch.cat([_pad_to(p[4], width_r, 0.0, left=False) for p in parts])
+    finished = torch.cat([p[5] for p in parts])
+    texts = [
+        tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+        for ids, mask in zip(response_ids.cpu(), response_mask.cpu(), strict=True)
+    ]
+    return GenerationOutput(prompt_ids, prompt_mask, response_ids, response_mask, logprobs, finished, texts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: `prefalign generate`
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateConfig:
+    """Sample responses from a model to one prompt or a file of prompts."""
+
+    model: str
+    """Local folder, hub id, or builtin name (`prefalign models list`)."""
+    prompt: str | None = None
+    """One prompt given as text (use this or --prompts)."""
+    prompts: str | None = None
+    """File or dataset of prompts (JSONL/JSON/CSV/Parquet with a "prompt" field, text or messages)."""
+    num_samples: int = 1
+    """Responses per prompt."""
+    max_new_tokens: int = 256
+    """Length cap of each response, in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 means greedy."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 turns it off."""
+    top_p: float = 0.9
+    """Nucleus sampling: smallest set of tokens with this much probability; 1 turns it off."""
+    seed: int | None = None
+    """Seed for reproducible samples (same prompts, batch size and seed give the same output)."""
+    raw: bool = False
+    """Send text prompts as they are instead of through the model's chat template."""
+    output: str | None = None
+    """Write one JSON line per response here instead of printing the responses."""
+    batch_size: int = 8
+    """Prompts sampled together in one batch."""
+    dtype: str = "float32"
+    """float32, bfloat16, float16 or auto (bf16 on a CPU without bf16 hardware is ~10x slower)."""
+    device: str | None = None
+    """Where to run the model (cpu, cuda, cuda:1); default: cuda if available, else cpu."""
+
+    def __post_init__(self) -> None:
+        from prefalign.config import ConfigError
+
+        if (self.prompt is None) == (self.prompts is None):
+            raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("--prompt is empty")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        try:
+            _check_settings(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def run_generate(config: GenerateConfig) -> list[dict[str, Any]]:
+    """Load the model, sample ``num_samples`` responses per prompt and return one record per response.
+
+    Each record: ``prompt`` (as given), ``sample`` (0-based), ``response`` (text), ``num_tokens``,
+    ``finished`` (ended with a stop token) and ``logprob`` (sum of the response's token log-probs).
+    """
+    from prefalign.data import encode_prompt, load_prompts
+    from prefalign.models import load_policy, load_tokenizer, resolve_model
+
+    rows = [{"prompt": config.prompt}] if config.prompt is not None else load_prompts(config.prompts)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = resolve_model(config.model)  # fetches a builtin the first time
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(path)
+    model = load_policy(path, dtype=config.dtype, device=device)
+    log.info("loaded model %s in %.1f s", config.model, time.perf_counter() - start)
+    ids = [encode_prompt(tokenizer, row["prompt"], raw=config.raw) for row in rows]
+    expanded = [(r, k, p) for r, p in zip(rows, ids, strict=True) for k in range(config.num_samples)]
+    start = time.perf_counter()
+    out = generate(
+        model,
+        tokenizer,
+        [p for _, _, p in expanded],
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        do_sample=config.temperature > 0,
+        seed=config.seed,
+        batch_size=config.batch_size,
+    )
+    num_tokens = out.response_mask.sum(-1)
+    log.info(
+        "generated %d tokens for %d responses in %.1f s",
+        int(num_tokens.sum()),
+        len(expanded),
+        time.perf_counter() - start,
+    )
+    return [
+        {
+            "prompt": row["prompt"],
+            "sample": k,
+            "response": text,
+            "num_tokens": int(n),
+            "finished": bool(f),
+            "logprob": float(lp),
+        }
+        for (row, k, _), text, n, f, lp in zip(
+            expanded, out.texts, num_tokens, out.finished, out.logprobs.sum(-1), strict=True
+        )
+    ]
+
+
+def _print_records(records: list[dict[str, Any]], num_samples: int) -> None:
+    if len(records) == 1:
+        print(records[0]["response"].strip())
+        return
+    for rec in records:
+        prompt = rec["prompt"] if isinstance(rec["prompt"], str) else rec["prompt"][-1]["content"]
+        label = f" [sample {rec['sample'] + 1}/{num_samples}]" if num_samples > 1 else ""
+        print(f"### {prompt.strip()}{label}\n{rec['response'].strip()}\n")
+
+
+def _generate_command(args: argparse.Namespace) -> int:
+    from prefalign.config import config_from_args
+
+    config = config_from_args(GenerateConfig, args)
+    records = run_generate(config)
+    if config.output is None:
+        _print_records(records, config.num_samples)
+        return 0
+    path = Path(config.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    print(f"wrote {len(records)} responses to {path}", file=sys.stderr)
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``prefalign generate``."""
+    from prefalign.config import add_config_arguments
+
+    parser = subparsers.add_parser(
+        "generate", help=GenerateConfig.__doc__, description=GenerateConfig.__doc__
+    )
+    add_config_arguments(parser, GenerateConfig)
+    parser.set_defaults(func=_generate_command)
