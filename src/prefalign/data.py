@@ -55,11 +55,15 @@ class DataError(ValueError):
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path.name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not valid UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path.name}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
@@ -127,7 +131,10 @@ def _read_dataset_rows(dataset: Any, name: str) -> Iterator[tuple[str, Any]]:
 def _read_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises several types for a damaged folder
+        raise DataError(f"{path}: not a readable saved dataset ({err})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r} (available: {', '.join(loaded)})")
@@ -187,7 +194,10 @@ def read_rows(source: str | Path, split: str = "train") -> list[tuple[str, Any]]
         raise DataError(f"{source}: no such file or folder")
     else:
         rows = _read_hub(str(source), split)
-    return list(rows)
+    try:
+        return list(rows)
+    except UnicodeDecodeError as err:  # JSON and CSV files; JSONL names the line itself
+        raise DataError(f"{path.name}: not valid UTF-8 text (byte {err.start})") from None
 
 
 # --------------------------------------------------------------------------------------------------

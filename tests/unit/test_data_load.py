@@ -181,6 +181,13 @@ def test_invalid_json_names_the_line(tmp_path):
         load_preferences(path)
 
 
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"^pairs.jsonl:2: not valid UTF-8 text$"):
+        load_preferences(path)
+
+
 def test_invalid_json_array_file_names_the_line(tmp_path):
     path = tmp_path / "pairs.json"
     path.write_text('[\n  {"prompt": "P",\n   "chosen" "C"}\n]')
