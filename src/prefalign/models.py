@@ -379,14 +379,19 @@ def _load_errors(name: str, path: str) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 
-def cpu_has_bf16() -> bool | None:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); ``None`` when unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); ``None`` when unknown.
+
+    Args:
+        cpuinfo: text in the format of ``/proc/cpuinfo``; read from there when ``None``.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
     flags = {
-        f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()
+        f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()
     }
     if not flags:
         return None

@@ -1,0 +1,223 @@
+"""Sampling loop: log-probs against a fresh forward, padding invariance, stopping, seeding, warping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefalign.generation import (
+    GenerationOutput,
+    _sample,
+    generate,
+    position_ids_from_mask,
+    stop_token_ids,
+    warp_logits,
+)
+from prefalign.testing import tiny_causal_lm
+
+# Prompts of different lengths, so batches need 0 to 9 columns of left padding.
+PROMPT_TEXTS = [
+    "The movie",
+    "It is tedious and messy. It is",
+    "Write a short review of the movie. It is good",
+]
+
+
+@pytest.fixture
+def prompts(tokenizer) -> list[list[int]]:
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROMPT_TEXTS]
+    assert len({len(p) for p in ids}) == 3, "the test needs prompts of three different lengths"
+    return ids
+
+
+def _responses(out: GenerationOutput) -> list[list[int]]:
+    return [ids[m.bool()].tolist() for ids, m in zip(out.response_ids, out.response_mask, strict=True)]
+
+
+def test_logprobs_equal_a_fresh_unpadded_forward(tiny_model, tokenizer, prompts):
+    """Each generated token's log-prob must equal log_softmax(raw logits) of a plain forward over that row's
+    own prompt + response, with no padding and default positions. Sampling warps (temperature 0.7, top-k 50)
+    must not leak into the returned log-probs: PPO needs log pi under the actual policy."""
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, temperature=0.7, top_k=50, seed=3)
+    assert out.response_ids.shape == out.logprobs.shape == out.response_mask.shape
+    for i, prompt in enumerate(prompts):
+        response = _responses(out)[i]
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = tiny_model(input_ids=ids).logits[0].float()
+        expected = (
+            logits[len(prompt) - 1 : -1].log_softmax(-1).gather(1, torch.tensor(response)[:, None])[:, 0]
+        )
+        got = out.logprobs[i, : len(response)]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        assert torch.all(out.logprobs[i, len(response) :] == 0)
+
+
+def test_logprobs_equal_a_padded_batch_forward(tiny_model, tokenizer, prompts):
+    """The batch layout of GenerationOutput.sequences(), scored in one forward with mask-derived positions,
+    reproduces the log-probs too (this is how a trainer re-scores rollouts)."""
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, seed=0)
+    input_ids, attention_mask = out.sequences()
+    with torch.no_grad():
+        logits = tiny_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).logits.float()
+    width = out.prompt_ids.shape[1]
+    scored = logits[:, width - 1 : -1].log_softmax(-1).gather(2, out.response_ids[..., None])[..., 0]
+    mask = out.response_mask.bool()
+    torch.testing.assert_close(out.logprobs[mask], scored[mask], atol=1e-4, rtol=0)
+
+
+def test_prompts_are_left_padded(tiny_model, tokenizer, prompts):
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=2, do_sample=False)
+    pad = tokenizer.pad_token_id
+    for i, prompt in enumerate(prompts):
+        row, mask = out.prompt_ids[i], out.prompt_mask[i]
+        assert row[-len(prompt) :].tolist() == prompt
+        assert mask.tolist() == [0] * (len(row) - len(prompt)) + [1] * len(prompt)
+        assert set(row[: len(row) - len(prompt)].tolist()) <= {pad}
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_greedy_batched_equals_one_prompt_at_a_time(tiny_model, tokenizer, prompts, batch_size):
+    """With correct position ids and masks, padding must not change a prompt's greedy continuation."""
+    batched = generate(
+        tiny_model, tokenizer, prompts, max_new_tokens=15, do_sample=False, batch_size=batch_size
+    )
+    for i, prompt in enumerate(prompts):
+        alone = generate(tiny_model, tokenizer, [prompt], max_new_tokens=15, do_sample=False)
+        assert _responses(batched)[i] == _responses(alone)[0]
+        assert batched.texts[i] == alone.texts[0]
+        torch.testing.assert_close(
+            batched.logprobs[i, : alone.logprobs.shape[1]], alone.logprobs[0], atol=1e-4, rtol=0
+        )
+
+
+def test_stops_at_the_first_stop_token_and_masks_the_rest(tiny_model, tokenizer, prompts):
+    """Greedy is deterministic, so a run with stop tokens must equal the run without, cut after the first
+    stop token of each row; afterwards: pad ids, mask 0, log-prob 0."""
+    free = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, do_sample=False, stop_ids=[])
+    assert free.response_mask.all() and not free.finished.any()
+    stop = int(free.response_ids[0, 3])
+    cut = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, do_sample=False, stop_ids=[stop])
+    pad = tokenizer.pad_token_id
+    for i in range(len(prompts)):
+        full = free.response_ids[i].tolist()
+        n = full.index(stop) + 1 if stop in full else len(full)
+        assert cut.response_mask[i].tolist()[: len(full)] == [1] * n + [0] * (len(full) - n)
+        assert cut.response_ids[i, :n].tolist() == full[:n]
+        assert set(cut.response_ids[i, n:].tolist()) <= {pad}
+        assert torch.all(cut.logprobs[i, n:] == 0)
+        assert bool(cut.finished[i]) == (stop in full)
+    assert cut.finished[0] and cut.response_mask[0].sum() <= 4
+
+
+def test_default_stop_is_eos_and_the_loop_ends_when_all_rows_stop(tokenizer, prompts):
+    """A model that always puts all its mass on EOS answers every prompt with exactly [EOS]: one column,
+    finished, log-prob ~0, empty text."""
+    model = tiny_causal_lm(tokenizer=tokenizer, tie_word_embeddings=False)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 30.0
+    model.lm_head = head
+    out = generate(model, tokenizer, prompts, max_new_tokens=20, seed=0)
+    assert out.response_ids.tolist() == [[tokenizer.eos_token_id]] * 3
+    assert out.response_mask.tolist() == [[1]] * 3
+    assert out.finished.all()
+    assert out.texts == ["", "", ""]
+    assert torch.all(out.logprobs.abs() < 1e-6)
+
+
+def test_stop_token_ids_include_eos_and_end_of_turn(tiny_model, tokenizer):
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer, tiny_model)
+    tiny_model.generation_config.eos_token_id = [5, tokenizer.eos_token_id]
+    assert 5 in stop_token_ids(tokenizer, tiny_model)
+
+
+def test_same_seed_same_samples_other_seed_other_samples(tiny_model, tokenizer, prompts):
+    a = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, seed=7)
+    b = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, seed=7)
+    c = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, seed=8)
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_seed_does_not_touch_the_global_rng(tiny_model, tokenizer, prompts):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    generate(tiny_model, tokenizer, prompts, max_new_tokens=5, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_top_k_1_and_temperature_0_are_greedy(tiny_model, tokenizer, prompts):
+    greedy = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, do_sample=False)
+    top1 = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, top_k=1, temperature=1.5, seed=0)
+    cold = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, temperature=0.0)
+    assert torch.equal(top1.response_ids, greedy.response_ids)
+    assert torch.equal(cold.response_ids, greedy.response_ids)
+
+
+def test_texts_decode_the_masked_response(tiny_model, tokenizer, prompts):
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=8, seed=0)
+    for text, ids in zip(out.texts, _responses(out), strict=True):
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_restores_train_mode_and_builds_no_graph(tiny_model, tokenizer, prompts):
+    tiny_model.train()
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=3, seed=0)
+    assert tiny_model.training
+    assert not out.logprobs.requires_grad
+
+
+def test_bad_settings_say_what(tiny_model, tokenizer, prompts):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(tiny_model, tokenizer, [prompts[0], []])
+    with pytest.raises(ValueError, match="top_p"):
+        generate(tiny_model, tokenizer, prompts, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(tiny_model, tokenizer, prompts, max_new_tokens=0)
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(tiny_model, tokenizer, [])
+
+
+def _naive_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Reference nucleus filter, one row at a time: keep most likely tokens until their mass reaches top_p."""
+    out = torch.full_like(logits, float("-inf"))
+    for r, row in enumerate(logits):
+        probs = row.softmax(-1)
+        mass = 0.0
+        for j in torch.argsort(row, descending=True).tolist():
+            out[r, j] = row[j]
+            mass += float(probs[j])
+            if mass >= top_p:
+                break
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 12.0])  # flat (full-sort path) to peaked (top-256 path)
+def test_top_p_matches_a_naive_nucleus(scale):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2000, dtype=torch.float64) * scale
+    got = warp_logits(logits, top_p=0.8)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(_naive_top_p(logits, 0.8)))
+    assert torch.equal(got[torch.isfinite(got)], logits[torch.isfinite(got)])
+
+
+def test_top_k_keeps_k_and_temperature_divides():
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0]])
+    assert torch.isfinite(warp_logits(logits, top_k=2)).tolist() == [[False, True, False, True]]
+    torch.testing.assert_close(warp_logits(logits, temperature=2.0), logits / 2)
+
+
+def test_sampler_draws_in_proportion_to_probs():
+    """30,000 draws from (0.1, 0.2, 0.7): each frequency within 0.01 (about 4 standard errors)."""
+    probs = torch.tensor([[0.1, 0.2, 0.7]]).expand(30_000, 3)
+    draws = _sample(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).float() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.7]), atol=0.01, rtol=0)
