@@ -152,7 +152,7 @@ def test_update_raises_the_probability_of_the_rewarded_action_and_ignores_masked
     stats = update(
         model, opt, _two_action_rollout(masked_reward=100.0), cfg, torch.Generator().manual_seed(0)
     )
-    p1 = model.dist(torch.zeros(1, 1)).probs[0, 1].item()
+    p1 = model.log_prob_entropy(torch.zeros(1, 1), torch.tensor([1]))[0].exp().item()
     assert p1 > 0.5
     assert {
         "loss",
@@ -173,18 +173,38 @@ def test_orthogonal_init_scales_the_output_layers():
     assert all(
         float(m.bias.detach().abs().max()) == 0.0 for m in model.modules() if isinstance(m, torch.nn.Linear)
     )
-    probs = model.dist(torch.randn(5, 4)).probs
+    probs = torch.softmax(model.actor(torch.randn(5, 4)), dim=-1)
     torch.testing.assert_close(probs, torch.full((5, 2), 0.5), atol=0.02, rtol=0)
 
 
 def test_gaussian_policy_log_prob_sums_over_action_dimensions():
     """With mean 0 (zeroed head) and log std 0, log N(a; 0, 1) = -a^2/2 - ln(2 pi)/2 per dimension:
-    for a = (1, 0): -0.5 - 0.9189 + (-0.9189) = -2.3379."""
+    for a = (1, 0): -0.5 - 0.9189 + (-0.9189) = -2.3379; entropy 2 (1/2 + ln(2 pi)/2) = 2.8379.
+    With std (2, 1/2) the log-prob and entropy must match torch.distributions.Normal."""
     model = ActorCritic(3, 2, discrete=False, hidden=8)
     torch.nn.init.zeros_(model.actor[-1].weight)
-    logp, ent = model.log_prob_entropy(torch.zeros(1, 3), torch.tensor([[1.0, 0.0]]))
+    a = torch.tensor([[1.0, 0.0]])
+    logp, ent = model.log_prob_entropy(torch.zeros(1, 3), a)
     assert logp.item() == pytest.approx(-0.5 - np.log(2 * np.pi), abs=1e-5)
-    assert ent.item() == pytest.approx(1 + np.log(2 * np.pi), abs=1e-5)  # 2 * (0.5 + 0.5 ln 2 pi)
+    assert ent.item() == pytest.approx(1 + np.log(2 * np.pi), abs=1e-5)
+    with torch.no_grad():
+        model.log_std.copy_(torch.tensor([np.log(2.0), np.log(0.5)]))
+    a = torch.tensor([[1.0, -0.3], [0.2, 0.7]])
+    logp, ent = model.log_prob_entropy(torch.zeros(2, 3), a)
+    ref = torch.distributions.Normal(torch.zeros(2, 2), torch.tensor([2.0, 0.5]).expand(2, 2))
+    torch.testing.assert_close(logp, ref.log_prob(a).sum(-1))
+    torch.testing.assert_close(ent, ref.entropy().sum(-1))
+
+
+def test_discrete_log_prob_and_entropy_match_categorical():
+    torch.manual_seed(0)
+    model = ActorCritic(4, 3, discrete=True, hidden=8)
+    torch.nn.init.normal_(model.actor[-1].weight)
+    obs, a = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    logp, ent = model.log_prob_entropy(obs, a)
+    ref = torch.distributions.Categorical(logits=model.actor(obs))
+    torch.testing.assert_close(logp, ref.log_prob(a))
+    torch.testing.assert_close(ent, ref.entropy())
 
 
 def test_short_cartpole_run_writes_summary_and_metrics(tmp_path):
