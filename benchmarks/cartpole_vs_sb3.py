@@ -64,6 +64,7 @@ def run_ours(seed: int) -> dict:
         s = json.loads((Path(tmp) / "summary.json").read_text())
     return {
         "steps": s["solved_steps"],
+        "steps_run": s["env_steps"],
         "wall_s": s["wall_seconds"],
         "process_s": process_s,
         "eval": s["eval_return_mean"],
