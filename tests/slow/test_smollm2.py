@@ -54,16 +54,38 @@ def test_tokenizer_speaks_chatml(tokenizer):
 
 
 def test_haiku_about_autumn_is_real_text(policy, tokenizer):
+    """Four samples with the CLI's default settings (temperature 0.7, top-p 0.9): every one is English
+    words about the season, and most end with <|im_end|> (this 4-bit-derived 135M model sometimes loops)."""
     prompt = encode_prompt(tokenizer, "Write a haiku about autumn.")
-    out = generate(policy, tokenizer, [prompt], max_new_tokens=96, do_sample=False)
-    text = out.texts[0].strip()
-    words = re.findall(r"[A-Za-z']+", text)
-    assert out.finished[0], f"no <|im_end|> within 96 tokens: {text!r}"
-    assert len(words) >= 5, text
-    assert sum(len(w) for w in words) / max(1, len(text.replace(" ", ""))) > 0.7, text  # mostly letters
-    assert any(
-        w.lower() in {"autumn", "fall", "leaves", "leaf", "crisp", "golden", "harvest"} for w in words
-    ), text
+    out = generate(policy, tokenizer, [prompt] * 4, max_new_tokens=96, temperature=0.7, top_p=0.9, seed=0)
+    seasonal = {
+        "autumn",
+        "fall",
+        "falling",
+        "leaves",
+        "leaf",
+        "crisp",
+        "golden",
+        "harvest",
+        "season",
+        "trees",
+    }
+    for text in out.texts:
+        words = re.findall(r"[A-Za-z']+", text)
+        assert len(words) >= 5, text
+        assert sum(map(len, words)) / len(re.sub(r"\s", "", text)) > 0.7, text  # mostly letters
+        assert seasonal & {w.lower() for w in words}, text
+    assert int(out.finished.sum()) >= 2, out.texts
+
+
+def test_greedy_equals_transformers_generate(policy, tokenizer):
+    """Our KV-cache loop and transformers' own greedy decoding pick the same 40 tokens."""
+    prompt = encode_prompt(tokenizer, "Write a haiku about autumn.")
+    ids = torch.tensor([prompt])
+    reference = policy.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40)
+    ours = generate(policy, tokenizer, [prompt], max_new_tokens=40, do_sample=False)
+    n = int(ours.response_mask[0].sum())
+    assert ours.response_ids[0, :n].tolist() == reference[0, len(prompt) : len(prompt) + n].tolist()
 
 
 def test_generated_logprobs_match_a_fresh_forward(policy, tokenizer):
