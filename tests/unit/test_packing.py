@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefalign.losses import sequence_logps
+from prefalign.packing import pack_pairs, packed_logps, pair_tokens
 from prefalign.testing import tiny_causal_lm, tiny_tokenizer
-from prefalign.train.dpo import pack_pairs, packed_logps, pair_tokens
 
 TOK = tiny_tokenizer()
 MODEL = tiny_causal_lm(tokenizer=TOK, hidden_size=64, seed=1)
@@ -31,32 +31,32 @@ def test_pack_pairs_layout_hand_example():
     """Pair (p=[5, 6], c=[7, 2], r=[8, 9, 2]): row 5 6 7 2 8 9 2, positions 0 1 2 3 2 3 4.
     Chosen targets 7, 2 are predicted at positions 1 (last prompt token) and 2; rejected targets 8, 9, 2 at
     1, 4, 5. The rejected token at row index 4 sees indices 0, 1, 4 only."""
-    packed = pack_pairs(
-        [{"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 2], "rejected_input_ids": [8, 9, 2]}]
-    )
+    pair = {"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 2], "rejected_input_ids": [8, 9, 2]}
+    packed = pack_pairs([pair])
     assert packed.input_ids.tolist() == [[5, 6, 7, 2, 8, 9, 2]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4]]
     assert packed.keep.tolist() == [1, 2, 1, 4, 5]
     assert packed.targets.tolist() == [7, 2, 8, 9, 2]
     assert packed.segment.tolist() == [0, 0, 1, 1, 1]
     assert packed.lengths.tolist() == [2, 3]
-    visible = (packed.attention_mask[0, 0, 4] == 0).nonzero().flatten().tolist()
-    assert visible == [0, 1, 4]
-    assert (
-        pair_tokens({"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 2], "rejected_input_ids": [8, 9, 2]})
-        == 7
-    )
+    assert packed.layout.mask[0, 0, 4].nonzero().flatten().tolist() == [0, 1, 4]
+    assert packed.layout.mask[0, 0, 3].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert pair_tokens(pair) == 7
 
 
-def test_pairs_in_one_row_do_not_see_each_other():
+def test_pairs_become_padded_blocks():
+    """Pairs of 3 and 5 tokens: blocks of width 5; the first block's two padding slots point at its first
+    token and are never attended to; packed token 3 (the second pair's prompt) sits at slot 1 * 5 + 0."""
     packed = pack_pairs(
         [
             {"prompt_input_ids": [5], "chosen_input_ids": [6], "rejected_input_ids": [7]},
-            {"prompt_input_ids": [8], "chosen_input_ids": [9], "rejected_input_ids": [10]},
+            {"prompt_input_ids": [8, 9], "chosen_input_ids": [10, 2], "rejected_input_ids": [11]},
         ]
     )
-    visible = (packed.attention_mask[0, 0, 3] == 0).nonzero().flatten().tolist()
-    assert visible == [3]  # the second pair's prompt sees only itself
+    assert packed.layout.gather.tolist() == [[0, 1, 2, 0, 0], [3, 4, 5, 6, 7]]
+    assert packed.layout.scatter.tolist() == [0, 1, 2, 5, 6, 7, 8, 9]
+    assert packed.layout.mask[0, 0, 2].tolist() == [True, False, True, False, False]
+    assert not packed.layout.mask[0, 0, :, 3:].any()
 
 
 def test_empty_prompt_is_rejected():
@@ -97,6 +97,7 @@ def test_packed_logps_gradients_match_separate_passes():
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
     MODEL.zero_grad()
     (packed_logps(MODEL, pack_pairs(examples)) * weights).sum().backward()
+    assert MODEL.config._attn_implementation == "sdpa"  # the block attention is only swapped in per call
     packed_grads = [p.grad.clone() for p in MODEL.parameters()]
     MODEL.zero_grad()
     (separate_logps(MODEL, examples) * weights).sum().backward()

@@ -1,12 +1,11 @@
 """DPO and its variants: train a policy directly on preference pairs (Rafailov et al. 2023).
 
-How a batch is computed (the part that makes it fast on a CPU):
+How a batch is computed (the part that makes it fast on a CPU; see :mod:`prefalign.packing`):
 
 - **Prefix sharing.** Each pair becomes one packed sequence ``prompt + chosen + rejected``: the prompt
-  is run once for both completions. Position ids restart after the prompt for the rejected completion,
-  and a block attention mask keeps rejected tokens from seeing chosen tokens, so each completion sees
-  exactly ``prompt + itself``, as if run alone.
-- **No padding.** All pairs of a micro-batch are concatenated into one row with a block-diagonal mask.
+  is run once for both completions, and each completion still sees exactly ``prompt + itself``.
+- **No padding.** All pairs of a micro-batch are concatenated into one row; attention alone runs per
+  pair, in padded blocks.
 - **LM head only where counted.** Hidden states are gathered at the positions that predict completion
   tokens (``logits_to_keep``); the vocabulary projection never runs over prompt positions.
 - **One log-softmax-free gather.** Log-probs are the target logit minus logsumexp (``token_logps``).
@@ -27,7 +26,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
-from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, dpo_loss, token_logps
+from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, dpo_loss
+from prefalign.packing import PackedPairs, pack_pairs, packed_logps, pair_tokens
 from prefalign.train.loop import TrainConfig, micro_batches, seed_everything, train_loop
 
 log = logging.getLogger(__name__)
@@ -70,117 +70,6 @@ class DPOConfig(TrainConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# prefix-shared packing
-
-
-@dataclass
-class PackedPairs:
-    """A micro-batch of B pairs as one packed row.
-
-    Attributes:
-        input_ids: ``[1, N]`` the pairs' ``prompt + chosen + rejected`` back to back.
-        position_ids: ``[1, N]``; the rejected completion continues from the prompt's end.
-        attention_mask: ``[1, 1, N, N]`` additive mask (0 where attention is allowed, a large negative
-            number elsewhere): causal within a pair, rejected never sees chosen, pairs never see each other.
-        keep: ``[K]`` positions whose hidden state predicts a counted token.
-        targets: ``[K]`` the token each kept position predicts.
-        segment: ``[K]`` which completion a target belongs to: ``2i`` chosen, ``2i + 1`` rejected of pair i.
-        lengths: ``[2B]`` tokens per completion (for length-averaged log-probs).
-    """
-
-    input_ids: Tensor
-    position_ids: Tensor
-    attention_mask: Tensor
-    keep: Tensor
-    targets: Tensor
-    segment: Tensor
-    lengths: Tensor
-
-    @property
-    def num_pairs(self) -> int:
-        return self.lengths.numel() // 2
-
-
-def pair_tokens(example: dict[str, Any]) -> int:
-    """Tokens a pair costs in a packed row: the prompt once plus both completions."""
-    return (
-        len(example["prompt_input_ids"])
-        + len(example["chosen_input_ids"])
-        + len(example["rejected_input_ids"])
-    )
-
-
-def pack_pairs(examples: list[dict[str, Any]], dtype: torch.dtype = torch.float32) -> PackedPairs:
-    """Pack encoded pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``) into one row.
-
-    A completion token ``c[k]`` is predicted by the hidden state before it: the prompt's last token for
-    ``k = 0``, else ``c[k - 1]``. The same holds for the rejected completion, whose first token is also
-    predicted from the prompt's last position.
-    """
-    ids: list[int] = []
-    pos: list[int] = []
-    pair_of: list[int] = []
-    kind: list[int] = []  # 0 prompt, 1 chosen, 2 rejected
-    keep: list[int] = []
-    targets: list[int] = []
-    segment: list[int] = []
-    lengths: list[int] = []
-    for i, ex in enumerate(examples):
-        p, c, r = ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"]
-        if not p:
-            raise ValueError("pack_pairs: a pair has an empty prompt; nothing can predict its first token")
-        base = len(ids)
-        ids += [*p, *c, *r]
-        pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
-        pair_of += [i] * (len(p) + len(c) + len(r))
-        kind += [0] * len(p) + [1] * len(c) + [2] * len(r)
-        last_prompt = base + len(p) - 1
-        for seg, start, toks in ((2 * i, base + len(p), c), (2 * i + 1, base + len(p) + len(c), r)):
-            keep += [last_prompt, *range(start, start + len(toks) - 1)][: len(toks)]
-            targets += toks
-            segment += [seg] * len(toks)
-            lengths.append(len(toks))
-    pair_t = torch.tensor(pair_of)
-    kind_t = torch.tensor(kind)
-    n = len(ids)
-    causal = torch.ones(n, n, dtype=torch.bool).tril_()
-    allowed = (
-        causal & (pair_t[:, None] == pair_t[None, :]) & ~((kind_t[:, None] == 2) & (kind_t[None, :] == 1))
-    )
-    mask = torch.zeros(n, n, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return PackedPairs(
-        input_ids=torch.tensor([ids]),
-        position_ids=torch.tensor([pos]),
-        attention_mask=mask[None, None],
-        keep=torch.tensor(keep),
-        targets=torch.tensor(targets),
-        segment=torch.tensor(segment),
-        lengths=torch.tensor(lengths),
-    )
-
-
-def packed_logps(model: nn.Module, packed: PackedPairs, average: bool = False) -> Tensor:
-    """Log-probability of every completion in ``packed`` under ``model``.
-
-    Returns:
-        ``[2B]``: chosen and rejected of pair i at ``2i`` and ``2i + 1`` (sums, or means over tokens when
-        ``average``).
-    """
-    device = next(model.parameters()).device
-    out = model(
-        input_ids=packed.input_ids.to(device),
-        position_ids=packed.position_ids.to(device),
-        attention_mask=packed.attention_mask.to(device),
-        logits_to_keep=packed.keep.to(device),
-        use_cache=False,
-    )
-    per_token = token_logps(out.logits[0], packed.targets.to(device))
-    sums = torch.zeros(packed.lengths.numel(), dtype=per_token.dtype, device=device)
-    sums = sums.index_add(0, packed.segment.to(device), per_token)
-    return sums / packed.lengths.to(device) if average else sums
-
-
-# --------------------------------------------------------------------------------------------------
 # the objective
 
 
@@ -210,10 +99,6 @@ class DPOObjective:
     def example_tokens(self, example: dict[str, Any]) -> int:
         return pair_tokens(example)
 
-    def _dtype(self) -> torch.dtype:
-        dtype = next(self.model.parameters()).dtype
-        return dtype if dtype.is_floating_point else torch.float32
-
     def reference_logps(self, examples: list[dict[str, Any]], packed: PackedPairs) -> Tensor | None:
         """``[2B]`` reference log-probs for these pairs, or ``None`` when the loss has no reference."""
         if not self.config.needs_reference:
@@ -227,7 +112,7 @@ class DPOObjective:
                 return packed_logps(self.model, packed, self.config.average_logps)
 
     def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
-        packed = pack_pairs(examples, self._dtype())
+        packed = pack_pairs(examples)
         ref = self.reference_logps(examples, packed)
         policy = packed_logps(self.model, packed, self.config.average_logps)
         c = self.config
@@ -257,13 +142,12 @@ class DPOObjective:
 def precompute_reference(model: nn.Module, examples: list[dict[str, Any]], config: DPOConfig) -> Tensor:
     """Reference log-probs ``[n, 2]`` (chosen, rejected) of every example, in one pass without gradients."""
     out = torch.zeros(len(examples), 2)
-    dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     groups = micro_batches(examples, pair_tokens, config.micro_batch_tokens)
     with torch.inference_mode():
         for group in tqdm(groups, desc="reference log-probs", unit="batch", disable=not config.progress):
-            logps = packed_logps(model, pack_pairs(group, dtype), config.average_logps).float().cpu()
+            logps = packed_logps(model, pack_pairs(group), config.average_logps).float().cpu()
             out[torch.tensor([ex["index"] for ex in group])] = logps.view(-1, 2)
     model.train(was_training)
     return out.clone()

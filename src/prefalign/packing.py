@@ -1,0 +1,249 @@
+"""Prefix-shared packing of preference pairs and the block attention that makes it cheap.
+
+A pair ``(prompt, chosen, rejected)`` becomes one sequence ``prompt + chosen + rejected``: the prompt is
+run once for both completions. The rejected completion's position ids restart where the prompt ends and
+a mask keeps it from attending to the chosen tokens, so each completion sees exactly ``prompt + itself``,
+as if run alone (the "prefix sharing" idea).
+
+The pairs of a micro-batch are concatenated into one row, so the linear layers (almost all of the
+compute) see no padding at all. Attention is the one operation where pairs must be kept apart; running
+it over the whole row with a block-diagonal mask costs ``N^2`` for ``N`` packed tokens, and PyTorch's CPU
+attention kernels are several times slower on one long masked row than on short blocks. So during a
+packed forward the model's attention is swapped (through transformers' ``AttentionInterface``) for
+:func:`_block_attention`, which gathers each pair's tokens into its own padded block, runs scaled
+dot-product attention over ``[pairs, heads, longest pair, head_dim]`` with the per-pair mask, and
+scatters the result back to the packed row. Works with every model whose attention goes through the
+interface (all current transformers decoder models).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prefalign.losses import token_logps
+
+ATTENTION_NAME = "prefalign_blocks"
+
+
+@dataclass
+class BlockLayout:
+    """Where each pair's tokens sit in the packed row and in the padded blocks.
+
+    Attributes:
+        gather: ``[B, L]`` packed position of each block slot (padding slots repeat a valid position).
+        scatter: ``[N]`` flat slot index (``b * L + j``) of each packed token.
+        mask: ``[B, 1, L, L]`` boolean, True where attention is allowed.
+    """
+
+    gather: Tensor
+    scatter: Tensor
+    mask: Tensor
+
+    def to(self, device: torch.device) -> BlockLayout:
+        return BlockLayout(self.gather.to(device), self.scatter.to(device), self.mask.to(device))
+
+
+@dataclass
+class PackedPairs:
+    """A micro-batch of B pairs as one packed row.
+
+    Attributes:
+        input_ids: ``[1, N]`` the pairs' ``prompt + chosen + rejected`` back to back.
+        position_ids: ``[1, N]``; the rejected completion continues from the prompt's end.
+        layout: the per-pair blocks for attention.
+        keep: ``[K]`` positions whose hidden state predicts a counted token.
+        targets: ``[K]`` the token each kept position predicts.
+        segment: ``[K]`` which completion a target belongs to: ``2i`` chosen, ``2i + 1`` rejected of pair i.
+        lengths: ``[2B]`` tokens per completion (for length-averaged log-probs).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    layout: BlockLayout
+    keep: Tensor
+    targets: Tensor
+    segment: Tensor
+    lengths: Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.lengths.numel() // 2
+
+
+def pair_tokens(example: dict[str, Any]) -> int:
+    """Tokens a pair costs in a packed row: the prompt once plus both completions."""
+    return (
+        len(example["prompt_input_ids"])
+        + len(example["chosen_input_ids"])
+        + len(example["rejected_input_ids"])
+    )
+
+
+def _layout(sizes: list[tuple[int, int, int]]) -> BlockLayout:
+    """Blocks for pairs of (prompt, chosen, rejected) lengths, packed back to back."""
+    width = max(p + c + r for p, c, r in sizes)
+    slot = torch.arange(width)
+    gather, scatter, masks = [], [], []
+    start = 0
+    for b, (p, c, r) in enumerate(sizes):
+        n = p + c + r
+        gather.append(start + torch.where(slot < n, slot, torch.zeros_like(slot)))
+        scatter.append(b * width + torch.arange(n))
+        valid = slot < n
+        rejected_query = (slot >= p + c) & valid
+        chosen_key = (slot >= p) & (slot < p + c)
+        allowed = (
+            (slot[None, :] <= slot[:, None])
+            & valid[None, :]
+            & ~(rejected_query[:, None] & chosen_key[None, :])
+        )
+        masks.append(allowed)
+        start += n
+    return BlockLayout(torch.stack(gather), torch.cat(scatter), torch.stack(masks)[:, None])
+
+
+def pack_pairs(examples: list[dict[str, Any]]) -> PackedPairs:
+    """Pack encoded pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``) into one row.
+
+    A completion token ``c[k]`` is predicted by the hidden state before it: the prompt's last token for
+    ``k = 0``, else ``c[k - 1]``. The same holds for the rejected completion, whose first token is also
+    predicted from the prompt's last position.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    keep: list[int] = []
+    targets: list[int] = []
+    segment: list[int] = []
+    lengths: list[int] = []
+    sizes: list[tuple[int, int, int]] = []
+    for i, ex in enumerate(examples):
+        p, c, r = ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"]
+        if not p:
+            raise ValueError("pack_pairs: a pair has an empty prompt; nothing can predict its first token")
+        base = len(ids)
+        ids += [*p, *c, *r]
+        pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
+        last_prompt = base + len(p) - 1
+        for seg, start, toks in ((2 * i, base + len(p), c), (2 * i + 1, base + len(p) + len(c), r)):
+            keep += [last_prompt, *range(start, start + len(toks) - 1)][: len(toks)]
+            targets += toks
+            segment += [seg] * len(toks)
+            lengths.append(len(toks))
+        sizes.append((len(p), len(c), len(r)))
+    return PackedPairs(
+        input_ids=torch.tensor([ids]),
+        position_ids=torch.tensor([pos]),
+        layout=_layout(sizes),
+        keep=torch.tensor(keep),
+        targets=torch.tensor(targets),
+        segment=torch.tensor(segment),
+        lengths=torch.tensor(lengths),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# block attention
+
+_ACTIVE: contextvars.ContextVar[BlockLayout | None] = contextvars.ContextVar("prefalign_blocks", default=None)
+
+
+def _block_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Attention over the packed row computed block by block (one block per pair).
+
+    Args:
+        query: ``[1, Hq, N, D]``; key, value: ``[1, Hkv, N, D]``.
+
+    Returns:
+        ``([1, N, Hq, D], None)``, the layout transformers' attention functions return.
+    """
+    layout = _ACTIVE.get()
+    if layout is None:
+        raise RuntimeError("prefalign block attention used outside packed_forward()")
+    blocks, width = layout.gather.shape
+    heads = query.shape[1]
+
+    def to_blocks(x: Tensor) -> Tensor:  # [1, H, N, D] -> [B, H, L, D]
+        return x[0][:, layout.gather].transpose(0, 1)
+
+    q, k, v = to_blocks(query), to_blocks(key), to_blocks(value)
+    if k.shape[1] != heads:  # grouped-query attention: share each key/value head across its query group
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout, scale=scaling)
+    out = out.transpose(1, 2).reshape(blocks * width, heads, -1)[layout.scatter]
+    return out.unsqueeze(0), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _block_attention)
+
+
+_register()
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+@contextmanager
+def block_attention(model: nn.Module, layout: BlockLayout) -> Iterator[None]:
+    """Within this context ``model``'s attention runs block by block according to ``layout``."""
+    configs = _configs(model)
+    previous = [c._attn_implementation for c in configs]
+    token = _ACTIVE.set(layout)
+    for c in configs:
+        c._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        for c, old in zip(configs, previous, strict=True):
+            c._attn_implementation = old
+        _ACTIVE.reset(token)
+
+
+def packed_logps(model: nn.Module, packed: PackedPairs, average: bool = False) -> Tensor:
+    """Log-probability of every completion in ``packed`` under ``model``.
+
+    The vocabulary projection runs only on the ``K`` kept positions (``logits_to_keep``), and
+    log-probabilities are gathered without a full log-softmax.
+
+    Returns:
+        ``[2B]``: chosen and rejected of pair i at ``2i`` and ``2i + 1`` (sums, or means over tokens when
+        ``average``).
+    """
+    device = next(model.parameters()).device
+    with block_attention(model, packed.layout.to(device)):
+        out = model(
+            input_ids=packed.input_ids.to(device),
+            position_ids=packed.position_ids.to(device),
+            logits_to_keep=packed.keep.to(device),
+            use_cache=False,
+        )
+    per_token = token_logps(out.logits[0], packed.targets.to(device))
+    sums = torch.zeros(packed.lengths.numel(), dtype=per_token.dtype, device=device)
+    sums = sums.index_add(0, packed.segment.to(device), per_token)
+    return sums / packed.lengths.to(device) if average else sums
