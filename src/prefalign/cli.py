@@ -8,7 +8,6 @@ User mistakes (bad data, bad config) become one clear line on stderr and exit co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import logging
 import sys
@@ -29,11 +28,10 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's mistake and are reported without a traceback."""
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
-    for mod, name in (("prefalign.data", "DataError"), ("prefalign.models", "ModelError")):
-        with contextlib.suppress(ImportError, AttributeError):
-            errors.append(getattr(importlib.import_module(mod), name))
-    return tuple(errors)
+    from prefalign.data import DataError
+    from prefalign.models import ModelError
+
+    return (ConfigError, DataError, ModelError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prefalign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and err.name.startswith("prefalign"):
-                continue  # that part of the package is not built yet
-            raise
-        module.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 
