@@ -56,7 +56,7 @@ class StubModel:
     """Always action 0 with log-prob 0; V(s) = 10 + obs."""
 
     def act(self, obs, deterministic=False):
-        return torch.zeros(len(obs), dtype=torch.long), torch.zeros(len(obs))
+        return torch.zeros(len(obs), dtype=torch.long), torch.zeros(len(obs)), self.value(obs)
 
     def value(self, obs):
         return 10.0 + obs[:, 0]

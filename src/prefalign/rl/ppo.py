@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from prefalign.config import ConfigError, config_to_dict
-from prefalign.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
+from prefalign.losses import gae, ppo_policy_loss, ppo_value_loss, whiten
 
 
 @dataclass
@@ -153,11 +153,15 @@ class ActorCritic(nn.Module):
         self.critic = _mlp(obs_dim, hidden, 1, 1.0)
         self.log_std = None if discrete else nn.Parameter(torch.zeros(act_dim))
 
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Actor output (logits ``[B, A]`` or Gaussian mean ``[B, act_dim]``) and ``V(s)`` ``[B]``."""
+        return self.actor(obs), self.critic(obs).squeeze(-1)
+
     def value(self, obs: Tensor) -> Tensor:
         """``V(s)``: ``[B, obs_dim] -> [B]``."""
         return self.critic(obs).squeeze(-1)
 
-    def _logp_entropy(self, out: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+    def logp_entropy(self, out: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
         """Log-prob of ``actions`` and entropy, ``[B]`` each, from the actor's output ``out``.
 
         Categorical: ``log_softmax(logits)[a]`` and ``-sum p log p``. Diagonal Gaussian with mean ``out``
@@ -176,19 +180,23 @@ class ActorCritic(nn.Module):
 
     def log_prob_entropy(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
         """``log pi(a|s)`` and entropy for ``obs [B, obs_dim]``, ``actions [B]`` or ``[B, act_dim]``: ``[B]`` each."""
-        return self._logp_entropy(self.actor(obs), actions)
+        return self.logp_entropy(self.actor(obs), actions)
 
     @torch.no_grad()
-    def act(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-        """Sample (or take the mode of) the policy: ``(actions [B] or [B, act_dim], log_probs [B])``."""
-        out = self.actor(obs)
+    def act(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample (or take the mode of) the policy, with one forward pass for actor and critic.
+
+        Returns:
+            ``(actions [B] or [B, act_dim], log_probs [B], values [B])``.
+        """
+        out, value = self(obs)
         if deterministic:
             a = out.argmax(-1) if self.discrete else out
         elif self.discrete:
             a = torch.multinomial(torch.softmax(out, dim=-1), 1).squeeze(-1)
         else:
             a = out + torch.exp(self.log_std) * torch.randn_like(out)
-        return a, self._logp_entropy(out, a)[0]
+        return a, self.logp_entropy(out, a)[0], value
 
 
 def make_envs(env_id: str, num_envs: int, vectorization: str = "auto") -> gym.vector.VectorEnv:
@@ -248,9 +256,7 @@ class RolloutCollector:
         space = self.envs.single_action_space
         for t in range(steps):
             obs_b[t] = self.obs
-            with torch.no_grad():
-                a, logp = model.act(self.obs)
-                val_b[t] = model.value(self.obs)
+            a, logp, val_b[t] = model.act(self.obs)
             obs, r, term, trunc, _ = self.envs.step(_env_actions(a, space))
             act_b.append(a)
             logp_b[t] = logp
@@ -295,27 +301,33 @@ def advantages_and_returns(ro: Rollout, gamma: float, lam: float) -> tuple[Tenso
 def update(
     model: ActorCritic, opt: torch.optim.Optimizer, ro: Rollout, cfg: PPOConfig, gen: torch.Generator
 ) -> dict[str, float]:
-    """PPO epochs over one rollout (or one A2C step); returns mean statistics over gradient steps."""
+    """PPO epochs over one rollout (or one A2C step); returns mean statistics over gradient steps.
+
+    Reset steps (mask 0) are dropped before minibatching, so they enter no loss, no advantage
+    normalisation and no statistic; the remaining transitions are shuffled each epoch and split into
+    minibatches of ``cfg.minibatch_size`` (the last one may be shorter).
+    """
     adv, ret = advantages_and_returns(ro, cfg.gamma, cfg.gae_lambda)
-    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    keep = ro.mask.reshape(-1) > 0
+    flat = lambda x: x.reshape(-1, *x.shape[2:])[keep]  # noqa: E731
     obs, act, old_logp, old_v = flat(ro.obs), flat(ro.actions), flat(ro.logprobs), flat(ro.values)
-    adv, ret, mask = flat(adv), flat(ret), flat(ro.mask)
+    adv, ret = flat(adv), flat(ret)
     n = obs.shape[0]
-    epochs, mb = (1, n) if cfg.algo == "a2c" else (cfg.epochs, min(cfg.minibatch_size, n))
+    epochs, mb = (1, n) if cfg.algo == "a2c" else (cfg.epochs, cfg.minibatch_size)
     names = ("loss", "policy/loss", "value/loss", "policy/entropy", "policy/approx_kl", "policy/clipfrac")
     stats: list[Tensor] = []
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - mb + 1, mb):
+        for start in range(0, n, mb):
             i = perm[start : start + mb]
-            m = mask[i]
-            if m.sum() < 2:
+            if len(i) < 2:
                 continue
-            logp, ent = model.log_prob_entropy(obs[i], act[i])
-            a = whiten(adv[i], m) if cfg.norm_adv else adv[i]
-            pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[i], a, m, clip=cfg.clip)
-            v_loss = ppo_value_loss(model.value(obs[i]), old_v[i], ret[i], m, clip=cfg.value_clip)
-            entropy = masked_mean(ent, m)
+            out, value = model(obs[i])
+            logp, ent = model.logp_entropy(out, act[i])
+            a = whiten(adv[i]) if cfg.norm_adv else adv[i]
+            pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[i], a, clip=cfg.clip)
+            v_loss = ppo_value_loss(value, old_v[i], ret[i], clip=cfg.value_clip)
+            entropy = ent.mean()
             loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -324,13 +336,10 @@ def update(
             parts = (loss, pg_loss, v_loss, entropy, pg_stats["approx_kl"], pg_stats["clipfrac"])
             stats.append(torch.stack(parts).detach())
     means = torch.stack(stats).mean(0).tolist() if stats else [float("nan")] * len(names)
-    out = dict(zip(names, means, strict=True))
-    valid = mask.bool()
-    var_ret = ret[valid].var()
-    out["value/explained_variance"] = (
-        float(1 - (ret[valid] - old_v[valid]).var() / var_ret) if var_ret > 0 else 0.0
-    )
-    return out
+    result = dict(zip(names, means, strict=True))
+    var_ret = ret.var() if n > 1 else torch.tensor(0.0)
+    result["value/explained_variance"] = float(1 - (ret - old_v).var() / var_ret) if var_ret > 0 else 0.0
+    return result
 
 
 def evaluate(model: ActorCritic, env_id: str, episodes: int, seed: int) -> np.ndarray:
@@ -343,7 +352,9 @@ def evaluate(model: ActorCritic, env_id: str, episodes: int, seed: int) -> np.nd
     returns = np.zeros(episodes)
     running = np.ones(episodes, dtype=bool)
     while running.any():
-        a, _ = model.act(torch.as_tensor(obs, dtype=torch.float32).reshape(episodes, -1), deterministic=True)
+        a, _, _ = model.act(
+            torch.as_tensor(obs, dtype=torch.float32).reshape(episodes, -1), deterministic=True
+        )
         obs, r, term, trunc, _ = envs.step(_env_actions(a, envs.single_action_space))
         returns += np.where(running, r, 0.0)
         running &= ~(term | trunc)
