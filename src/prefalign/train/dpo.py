@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, dpo_loss
 from prefalign.packing import PackedPairs, pack_pairs, packed_logps, pair_tokens
-from prefalign.train.loop import TrainConfig, micro_batches, seed_everything, train_loop
+from prefalign.train.loop import TrainConfig, make_accelerator, micro_batches, seed_everything, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class DPOObjective:
         with torch.no_grad():
             if self.reference is not None:
                 return packed_logps(self.reference, packed, self.config.average_logps)
-            with self.model.disable_adapter():  # LoRA: the base weights are the reference
+            with adapter_disabled(self.model):  # LoRA: the base weights are the reference
                 return packed_logps(self.model, packed, self.config.average_logps)
 
     def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -184,17 +185,28 @@ def load_pairs(config: DPOConfig, tokenizer: Any) -> tuple[list[dict[str, Any]],
     return train, held
 
 
+def adapter_disabled(model: nn.Module) -> Any:
+    """Context in which a LoRA model computes with its base weights (a no-op for other models)."""
+    inner = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    return inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
+
+
 def build_objective(
     config: DPOConfig,
     train: list[dict[str, Any]],
     held: list[dict[str, Any]],
     model: nn.Module | None = None,
     reference: nn.Module | None = None,
-) -> tuple[DPOObjective, Any]:
-    """Load the models (unless given) and set up the reference according to the config.
+    device: torch.device | None = None,
+) -> tuple[DPOObjective, DPOObjective | None]:
+    """Load the models (unless given) and set up the reference the config asks for.
+
+    The reference is, in order: ``--ref-model`` if given; else the starting policy, as a frozen copy, or
+    (``--precompute-ref``) as log-probs computed before training, or (LoRA) the policy with its adapter
+    switched off.
 
     Returns:
-        The objective and, for evaluation, a second objective over the held-out pairs (or ``None``).
+        The training objective and one over the held-out pairs (``None`` without held-out pairs).
     """
     from prefalign.models import LoraSettings, load_policy, load_reference
 
@@ -207,28 +219,25 @@ def build_objective(
         model = load_policy(
             config.model, dtype=config.dtype, lora=lora, trust_remote_code=config.trust_remote_code
         )
-    if config.needs_reference and reference is None and (config.ref_model or lora is None):
-        if config.precompute_ref and not config.ref_model:
-            reference = None  # the starting policy is the reference: precompute with it below
-        else:
-            reference = load_reference(
-                config.ref_model or config.model,
-                dtype=config.dtype,
-                trust_remote_code=config.trust_remote_code,
-            )
-    if config.needs_reference and config.precompute_ref:
-        scorer = reference if reference is not None else model
-        if reference is None and hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                ref_train, ref_eval = (precompute_reference(model, s, config) for s in (train, held))
-        else:
-            ref_train, ref_eval = (precompute_reference(scorer, s, config) for s in (train, held))
-        del reference
-        return DPOObjective(model, config, ref_logps=ref_train), (
-            DPOObjective(model, config, ref_logps=ref_eval) if held else None
+    policy_is_reference = not config.ref_model and (lora is not None or config.precompute_ref)
+    if config.needs_reference and reference is None and not policy_is_reference:
+        reference = load_reference(
+            config.ref_model or config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code
         )
-    main = DPOObjective(model, config, reference=reference)
-    return main, (DPOObjective(model, config, reference=reference) if held else None)
+    if device is not None:
+        model.to(device)
+        if reference is not None:
+            reference.to(device)
+    if not (config.needs_reference and config.precompute_ref):
+        make = lambda: DPOObjective(model, config, reference=reference)  # noqa: E731
+        return make(), (make() if held else None)
+    with adapter_disabled(model) if reference is None else nullcontext():
+        scorer = reference if reference is not None else model
+        ref_train = precompute_reference(scorer, train, config)
+        ref_held = precompute_reference(scorer, held, config) if held else None
+    return DPOObjective(model, config, ref_logps=ref_train), (
+        DPOObjective(model, config, ref_logps=ref_held) if held else None
+    )
 
 
 def train(
@@ -245,10 +254,19 @@ def train(
     from prefalign.models import load_tokenizer
 
     seed_everything(config.seed)
+    accelerator = make_accelerator()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     train_set, held = load_pairs(config, tokenizer)
-    objective, eval_objective = build_objective(config, train_set, held, model, reference)
-    return train_loop(config, objective, train_set, held, tokenizer=tokenizer, eval_objective=eval_objective)
+    objective, eval_objective = build_objective(config, train_set, held, model, reference, accelerator.device)
+    return train_loop(
+        config,
+        objective,
+        train_set,
+        held,
+        tokenizer=tokenizer,
+        accelerator=accelerator,
+        eval_objective=eval_objective,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -159,6 +159,14 @@ class Objective(Protocol):
 # seeding, data order, micro-batches
 
 
+def make_accelerator() -> Any:
+    """An Accelerate ``Accelerator`` for however the process was launched (plain, ``accelerate launch``,
+    ``torchrun``): one CPU, one GPU, or many with DDP/FSDP/DeepSpeed."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -259,14 +267,21 @@ class MetricsWriter:
         self._file = self.path.open("a" if append else "w")
         self._tb = None
         self._wandb = None
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
+        try:
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(output / "tensorboard"))
-        if "wandb" in report_to:
-            import wandb
+                self._tb = SummaryWriter(str(output / "tensorboard"))
+            if "wandb" in report_to:
+                import wandb
 
-            self._wandb = wandb.init(dir=str(output), config=config or {})
+                self._wandb = wandb.init(dir=str(output), config=config or {})
+        except ImportError as err:
+            self._file.close()
+            raise ConfigError(
+                f"--report-to needs a package that is not installed ({err.name}): "
+                "pip install 'prefalign[tensorboard]' or 'prefalign[wandb]'"
+            ) from None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -451,13 +466,11 @@ def train_loop(
     model (Hugging Face folder) and ``summary.json``. ``eval_objective`` scores ``eval_examples`` when
     they need their own state (e.g. precomputed reference log-probs); by default ``objective`` does.
     """
-    from accelerate import Accelerator
-
     start = time.perf_counter()
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     save_config(config, output / "config.yaml")
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator()
     params = [p for p in objective.model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
