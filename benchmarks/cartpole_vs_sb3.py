@@ -1,9 +1,10 @@
 """CartPole-v1: prefalign's PPO against Stable-Baselines3 PPO (rl-zoo3 settings), same seeds, one run.
 
-Both sides use rl-zoo3's tuned CartPole hyper-parameters (8 envs x 32 steps, 20 epochs, minibatch
-256, gamma 0.98, lambda 0.8, lr 1e-3 annealed, no entropy bonus, 64x64 tanh MLPs; SB3 also anneals
-the clip range, ours keeps 0.2), one torch thread, and the same stopping rule: a 10-episode
-deterministic evaluation every 8192 env steps, stop at mean >= 475, budget 100k steps.
+SB3 uses rl-zoo3's tuned CartPole hyper-parameters (8 envs x 32 steps, 20 epochs, minibatch 256,
+gamma 0.98, lambda 0.8, lr 1e-3 and clip 0.2 annealed, no entropy bonus, 64x64 tanh MLPs); ours uses
+the same except minibatches of 128 and a constant clip range (prefalign's defaults). Both use one
+torch thread and the same stopping rule: a 10-episode deterministic evaluation every 8192 env steps,
+stop at mean >= 475, budget 100k steps.
 
 SB3 runs from a separate virtual environment (it is never a prefalign dependency):
 

@@ -6,10 +6,11 @@ the CleanRL blog post): vectorised environments, GAE (Schulman et al. 2016), per
 normalisation, clipped surrogate, optionally clipped value loss, entropy bonus, global gradient-norm
 clipping, linear learning-rate annealing, orthogonal initialisation. A2C (Mnih et al. 2016) is the
 same loop with one gradient step per rollout, where the surrogate's ratio is 1 and its gradient is
-the plain policy gradient ``-A grad log pi``. The default hyper-parameters are rl-zoo3's tuned
-PPO settings for CartPole-v1 (Raffin et al.; 8 envs x 32 steps, 20 epochs of one 256-sample
-minibatch, gamma 0.98, lambda 0.8, lr 1e-3 annealed, no entropy bonus), except that the clip range
-stays at 0.2 instead of being annealed.
+the plain policy gradient ``-A grad log pi``. The defaults are rl-zoo3's tuned PPO settings for
+CartPole-v1 (Raffin et al.; 8 envs x 32 steps, 20 epochs, gamma 0.98, lambda 0.8, lr 1e-3 annealed,
+no entropy bonus) with two changes: minibatches of 128 instead of one of 256 (on seeds 0-9 every run
+then reached a deterministic 475 within 24,576 env steps, against 8,192-65,536 with 256, and in less
+total wall time), and a constant clip range of 0.2 instead of an annealed one.
 
 Episode boundaries with gymnasium >= 1.0 vector envs (autoreset mode ``NEXT_STEP``): the step that
 ends an episode returns the episode's final observation, and the *next* call to ``step`` ignores the
@@ -64,8 +65,8 @@ class PPOConfig:
     """Steps per environment between updates (batch = num_envs * rollout_steps)."""
     epochs: int = 20
     """Passes over each rollout."""
-    minibatch_size: int = 256
-    """Transitions per gradient step."""
+    minibatch_size: int = 128
+    """Transitions per gradient step (128: two per default rollout of 256)."""
     lr: float = 1e-3
     """Adam learning rate (linearly annealed to 0 when anneal_lr)."""
     anneal_lr: bool = True
