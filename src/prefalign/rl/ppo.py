@@ -402,7 +402,13 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     n_updates = max(1, cfg.total_steps // batch)
     steps, solved, next_eval, last_eval = 0, None, cfg.eval_every or math.inf, (math.nan, math.nan)
     recent: list[float] = []
-    bar = tqdm(total=n_updates * batch, unit="step", disable=not cfg.progress, desc=f"{cfg.algo} {cfg.env}")
+    bar = tqdm(
+        total=n_updates * batch,
+        unit="step",
+        disable=not cfg.progress,
+        desc=f"{cfg.algo} {cfg.env}",
+        mininterval=0.5,
+    )
     t0 = time.perf_counter()
     with open(out_dir / "metrics.jsonl", "w") as log:
         for u in range(n_updates):
