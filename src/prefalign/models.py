@@ -570,7 +570,8 @@ def load_value_model(
 # --------------------------------------------------------------------------------------------------
 
 
-def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body and the scalar head of a (LoRA-wrapped or plain) sequence classifier."""
     from peft import PeftModel
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -592,7 +593,7 @@ def token_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tens
     Returns:
         ``[B, T]`` float32 scores (padding positions hold meaningless values).
     """
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids

@@ -52,17 +52,21 @@ class BlockLayout:
 
 
 @dataclass
-class PackedPairs:
-    """A micro-batch of B pairs as one packed row.
+class Packed:
+    """A micro-batch packed into one row, with the completions to score.
+
+    For pairs (:func:`pack_pairs`) completion ``2i`` is the chosen and ``2i + 1`` the rejected one of pair
+    i; for single sequences (:func:`pack_completions`) completion i is example i's counted tokens.
 
     Attributes:
-        input_ids: ``[1, N]`` the pairs' ``prompt + chosen + rejected`` back to back.
-        position_ids: ``[1, N]``; the rejected completion continues from the prompt's end.
-        layout: the per-pair blocks for attention.
+        input_ids: ``[1, N]`` the examples back to back.
+        position_ids: ``[1, N]``; for pairs the rejected completion continues from the prompt's end.
+        layout: the per-example blocks for attention.
         keep: ``[K]`` positions whose hidden state predicts a counted token.
         targets: ``[K]`` the token each kept position predicts.
-        segment: ``[K]`` which completion a target belongs to: ``2i`` chosen, ``2i + 1`` rejected of pair i.
-        lengths: ``[2B]`` tokens per completion (for length-averaged log-probs).
+        segment: ``[K]`` which completion each target belongs to.
+        lengths: ``[C]`` counted tokens per completion (for length-averaged log-probs).
+        ends: ``[C]`` packed position of each completion's last token (where a reward model reads).
     """
 
     input_ids: Tensor
@@ -72,10 +76,7 @@ class PackedPairs:
     targets: Tensor
     segment: Tensor
     lengths: Tensor
-
-    @property
-    def num_pairs(self) -> int:
-        return self.lengths.numel() // 2
+    ends: Tensor
 
 
 def pair_tokens(example: dict[str, Any]) -> int:
@@ -110,7 +111,7 @@ def _layout(sizes: list[tuple[int, int, int]]) -> BlockLayout:
     return BlockLayout(torch.stack(gather), torch.cat(scatter), torch.stack(masks)[:, None])
 
 
-def pack_pairs(examples: list[dict[str, Any]]) -> PackedPairs:
+def pack_pairs(examples: list[dict[str, Any]]) -> Packed:
     """Pack encoded pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``) into one row.
 
     A completion token ``c[k]`` is predicted by the hidden state before it: the prompt's last token for
@@ -123,6 +124,7 @@ def pack_pairs(examples: list[dict[str, Any]]) -> PackedPairs:
     targets: list[int] = []
     segment: list[int] = []
     lengths: list[int] = []
+    ends: list[int] = []
     sizes: list[tuple[int, int, int]] = []
     for i, ex in enumerate(examples):
         p, c, r = ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"]
@@ -137,8 +139,9 @@ def pack_pairs(examples: list[dict[str, Any]]) -> PackedPairs:
             targets += toks
             segment += [seg] * len(toks)
             lengths.append(len(toks))
+            ends.append(start + len(toks) - 1 if toks else last_prompt)
         sizes.append((len(p), len(c), len(r)))
-    return PackedPairs(
+    return Packed(
         input_ids=torch.tensor([ids]),
         position_ids=torch.tensor([pos]),
         layout=_layout(sizes),
@@ -146,6 +149,43 @@ def pack_pairs(examples: list[dict[str, Any]]) -> PackedPairs:
         targets=torch.tensor(targets),
         segment=torch.tensor(segment),
         lengths=torch.tensor(lengths),
+        ends=torch.tensor(ends),
+    )
+
+
+def pack_completions(examples: list[dict[str, Any]]) -> Packed:
+    """Pack single sequences (``input_ids`` with aligned ``labels``, -100 where not counted) into one row.
+
+    Each sequence keeps its own positions (from 0) and attends only to itself; completion i holds the
+    counted tokens of example i (label ``t`` is predicted from position ``t - 1``).
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    keep: list[int] = []
+    targets: list[int] = []
+    segment: list[int] = []
+    lengths: list[int] = []
+    ends: list[int] = []
+    for i, ex in enumerate(examples):
+        seq, labels = ex["input_ids"], ex["labels"]
+        base = len(ids)
+        counted = [t for t in range(1, len(seq)) if labels[t] != -100]
+        ids += seq
+        pos += range(len(seq))
+        keep += [base + t - 1 for t in counted]
+        targets += [labels[t] for t in counted]
+        segment += [i] * len(counted)
+        lengths.append(len(counted))
+        ends.append(base + len(seq) - 1)
+    return Packed(
+        input_ids=torch.tensor([ids]),
+        position_ids=torch.tensor([pos]),
+        layout=_layout([(len(ex["input_ids"]), 0, 0) for ex in examples]),
+        keep=torch.tensor(keep, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        segment=torch.tensor(segment, dtype=torch.long),
+        lengths=torch.tensor(lengths),
+        ends=torch.tensor(ends),
     )
 
 
@@ -183,10 +223,10 @@ def _block_attention(
         return x[0][:, layout.gather].transpose(0, 1)
 
     q, k, v = to_blocks(query), to_blocks(key), to_blocks(value)
-    if k.shape[1] != heads:  # grouped-query attention: share each key/value head across its query group
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-        v = v.repeat_interleave(heads // v.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout, scale=scaling)
+    # grouped-query attention: each key/value head serves a group of query heads (no repeated copies)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=layout.mask, dropout_p=dropout, scale=scaling, enable_gqa=k.shape[1] != heads
+    )
     out = out.transpose(1, 2).reshape(blocks * width, heads, -1)[layout.scatter]
     return out.unsqueeze(0), None
 
@@ -225,15 +265,15 @@ def block_attention(model: nn.Module, layout: BlockLayout) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def packed_logps(model: nn.Module, packed: PackedPairs, average: bool = False) -> Tensor:
+def packed_logps(model: nn.Module, packed: Packed, average: bool = False) -> Tensor:
     """Log-probability of every completion in ``packed`` under ``model``.
 
     The vocabulary projection runs only on the ``K`` kept positions (``logits_to_keep``), and
     log-probabilities are gathered without a full log-softmax.
 
     Returns:
-        ``[2B]``: chosen and rejected of pair i at ``2i`` and ``2i + 1`` (sums, or means over tokens when
-        ``average``).
+        ``[C]`` log-probabilities, one per completion (for pairs: chosen and rejected of pair i at ``2i`` and
+        ``2i + 1``); sums, or means over tokens when ``average``.
     """
     device = next(model.parameters()).device
     with block_attention(model, packed.layout.to(device)):
@@ -246,4 +286,26 @@ def packed_logps(model: nn.Module, packed: PackedPairs, average: bool = False) -
     per_token = token_logps(out.logits[0], packed.targets.to(device))
     sums = torch.zeros(packed.lengths.numel(), dtype=per_token.dtype, device=device)
     sums = sums.index_add(0, packed.segment.to(device), per_token)
-    return sums / packed.lengths.to(device) if average else sums
+    return sums / packed.lengths.to(device).clamp(min=1) if average else sums
+
+
+def packed_scores(model: nn.Module, packed: Packed) -> Tensor:
+    """A scalar-head model's score at the last token of every completion (the reward of each).
+
+    Args:
+        model: a sequence classifier with one output (``prefalign.models.load_reward_model``).
+
+    Returns:
+        ``[C]`` float32 scores.
+    """
+    from prefalign.models import backbone_and_head
+
+    device = next(model.parameters()).device
+    backbone, head = backbone_and_head(model)
+    with block_attention(model, packed.layout.to(device)):
+        hidden = backbone(
+            input_ids=packed.input_ids.to(device),
+            position_ids=packed.position_ids.to(device),
+            use_cache=False,
+        ).last_hidden_state
+    return head(hidden[0, packed.ends.to(device)]).squeeze(-1).float()

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefalign.losses import sequence_logps
-from prefalign.packing import pack_pairs, packed_logps, pair_tokens
+from prefalign.packing import pack_completions, pack_pairs, packed_logps, packed_scores, pair_tokens
 from prefalign.testing import tiny_causal_lm, tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -104,3 +104,54 @@ def test_packed_logps_gradients_match_separate_passes():
     for a, p in zip(packed_grads, MODEL.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
     MODEL.zero_grad()
+
+
+def test_pack_completions_matches_separate_forward_passes():
+    """SFT packing: each sequence restarts at position 0 and sees only itself; only labelled tokens count."""
+    examples = [
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+        {"input_ids": [9, 10, 11], "labels": [9, 10, 11]},
+    ]
+    packed = pack_completions(examples)
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert packed.keep.tolist() == [1, 2, 4, 5]  # label 7 from position 1, 8 from 2; 10 from 4, 11 from 5
+    assert packed.lengths.tolist() == [2, 2]
+    with torch.no_grad():
+        got = packed_logps(MODEL, packed)
+        want = torch.cat(
+            [
+                sequence_logps(MODEL(torch.tensor([ex["input_ids"]])).logits, torch.tensor([ex["labels"]]))
+                for ex in examples
+            ]
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_scores_equal_scores_of_separate_sequences():
+    """A reward model read at each completion's last token, packed, equals scoring prompt+completion alone."""
+    from prefalign.models import sequence_scores
+
+    torch.manual_seed(0)
+    from transformers import LlamaForSequenceClassification
+
+    rm = LlamaForSequenceClassification(
+        MODEL.config.__class__(**{**MODEL.config.to_dict(), "num_labels": 1})
+    ).eval()
+    examples = [
+        {"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 9, 2], "rejected_input_ids": [10, 2]},
+        {"prompt_input_ids": [11], "chosen_input_ids": [12, 2], "rejected_input_ids": [13, 14, 15, 2]},
+    ]
+    with torch.no_grad():
+        got = packed_scores(rm, pack_pairs(examples))
+        want = torch.cat(
+            [
+                sequence_scores(
+                    rm,
+                    torch.tensor([ex["prompt_input_ids"] + c]),
+                    torch.ones(1, len(ex["prompt_input_ids"]) + len(c)),
+                )
+                for ex in examples
+                for c in (ex["chosen_input_ids"], ex["rejected_input_ids"])
+            ]
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

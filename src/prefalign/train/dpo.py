@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +27,15 @@ from tqdm.auto import tqdm
 
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, dpo_loss
-from prefalign.packing import PackedPairs, pack_pairs, packed_logps, pair_tokens
-from prefalign.train.loop import TrainConfig, make_accelerator, micro_batches, seed_everything, train_loop
+from prefalign.packing import Packed, pack_pairs, packed_logps, pair_tokens
+from prefalign.train.loop import (
+    TrainConfig,
+    load_pairs,
+    make_accelerator,
+    micro_batches,
+    seed_everything,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ class DPOObjective:
     def example_tokens(self, example: dict[str, Any]) -> int:
         return pair_tokens(example)
 
-    def reference_logps(self, examples: list[dict[str, Any]], packed: PackedPairs) -> Tensor | None:
+    def reference_logps(self, examples: list[dict[str, Any]], packed: Packed) -> Tensor | None:
         """``[2B]`` reference log-probs for these pairs, or ``None`` when the loss has no reference."""
         if not self.config.needs_reference:
             return None
@@ -156,33 +162,6 @@ def precompute_reference(model: nn.Module, examples: list[dict[str, Any]], confi
 
 # --------------------------------------------------------------------------------------------------
 # entry points
-
-
-def load_pairs(config: DPOConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read, validate, tokenise and split the preference data; each example gets its ``index``."""
-    from prefalign.data import encode_preferences, load_preferences
-
-    rows = load_preferences(config.data)
-    eval_rows = load_preferences(config.eval_data) if config.eval_data else []
-    if not config.eval_data and config.eval_split > 0:
-        order = list(range(len(rows)))
-        random.Random(config.seed).shuffle(order)
-        n_eval = max(1, int(round(config.eval_split * len(rows))))
-        eval_rows = [rows[i] for i in order[:n_eval]]
-        rows = [rows[i] for i in order[n_eval:]]
-    if not rows:
-        raise ConfigError(f"{config.data}: no training pairs left")
-    train = encode_preferences(tokenizer, rows, config.max_length, config.max_prompt_length)
-    held = (
-        encode_preferences(tokenizer, eval_rows, config.max_length, config.max_prompt_length)
-        if eval_rows
-        else []
-    )
-    for i, ex in enumerate(train):
-        ex["index"] = i
-    for i, ex in enumerate(held):
-        ex["index"] = i
-    return train, held
 
 
 def adapter_disabled(model: nn.Module) -> Any:

@@ -1,0 +1,97 @@
+"""Supervised fine-tuning: maximise the likelihood of demonstration completions (the first stage of RLHF).
+
+Each micro-batch is one packed row with no padding (every sequence restarts its positions and attends
+only to itself); the vocabulary projection runs only at positions whose next token is counted (the
+completion, or the whole text for plain ``text`` rows).
+
+The loss of an example is the mean negative log-likelihood of its counted tokens; a step's loss is the
+mean over its examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from prefalign.config import ConfigError, add_config_arguments, config_from_args
+from prefalign.packing import pack_completions, packed_logps
+from prefalign.train.loop import TrainConfig, make_accelerator, seed_everything, split_rows, train_loop
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on demonstrations (text, prompt/completion, or messages)."""
+
+    lr: float = 2e-5
+    """Peak learning rate."""
+
+
+class SFTObjective:
+    """Summed per-example mean NLL of the counted tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def example_tokens(self, example: dict[str, Any]) -> int:
+        return len(example["input_ids"])
+
+    def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
+        packed = pack_completions(examples)
+        mean_logps = packed_logps(self.model, packed, average=True)
+        nll = -mean_logps
+        return nll.sum(), {"logps/mean": mean_logps.detach().sum(), "tokens": packed.lengths.sum().float()}
+
+
+def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Run SFT as configured; returns the summary (also written to ``<output>/summary.json``)."""
+    from prefalign.data import encode_sft_examples, load_sft
+    from prefalign.models import LoraSettings, load_policy, load_tokenizer
+
+    seed_everything(config.seed)
+    accelerator = make_accelerator()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+    rows, held = split_rows(
+        load_sft(config.data),
+        load_sft(config.eval_data) if config.eval_data else [],
+        config.eval_split,
+        config.seed,
+    )
+    train_set = [
+        ex
+        for ex in encode_sft_examples(tokenizer, rows, config.max_length)
+        if any(x != -100 for x in ex["labels"][1:])
+    ]
+    if not train_set:
+        raise ConfigError(f"{config.data}: no example has a completion token left to train on")
+    held_set = encode_sft_examples(tokenizer, held, config.max_length) if held else []
+    if model is None:
+        lora = (
+            LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+            if config.lora_r
+            else None
+        )
+        model = load_policy(
+            config.model, dtype=config.dtype, lora=lora, trust_remote_code=config.trust_remote_code
+        )
+    model.to(accelerator.device)
+    return train_loop(
+        config, SFTObjective(model), train_set, held_set, tokenizer=tokenizer, accelerator=accelerator
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(SFTConfig, args)
+    summary = train(config)
+    print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f} s; model saved to {config.output}")
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "sft", help="Supervised fine-tuning on demonstrations.", description=SFTConfig.__doc__
+    )
+    add_config_arguments(parser, SFTConfig)
+    parser.set_defaults(func=_run)
