@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from prefalign.config import ConfigError, save_config
 from prefalign.data import batches
+from prefalign.memory import release_freed_memory, use_memory_efficient_layers
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TrainConfig:
     """Examples per forward batch (per process)."""
     grad_accum: int = 1
     """Batches accumulated per optimiser step; the effective batch is batch_size x grad_accum x processes."""
-    micro_batch_tokens: int = 1024
+    micro_batch_tokens: int = 512
     """Upper bound on tokens per forward pass: batches are split into micro-batches to bound memory (exact)."""
     epochs: float = 1.0
     """Passes over the training data (fractions allowed)."""
@@ -201,6 +202,41 @@ def micro_batches(examples: Sequence[dict[str, Any]], cost: Any, budget: int) ->
     if current:
         out.append(current)
     return out
+
+
+def split_rows(
+    rows: list[Any], eval_rows: list[Any], fraction: float, seed: int
+) -> tuple[list[Any], list[Any]]:
+    """Hold out ``fraction`` of ``rows`` (shuffled by ``seed``) unless an eval set was given."""
+    if eval_rows or fraction <= 0:
+        return rows, eval_rows
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(fraction * len(rows))))
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def load_pairs(config: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read, validate, tokenise and split preference data (DPO, reward models); each example gets its
+    ``index`` in its set."""
+    from prefalign.data import encode_preferences, load_preferences
+
+    rows, held = split_rows(
+        load_preferences(config.data),
+        load_preferences(config.eval_data) if config.eval_data else [],
+        config.eval_split,
+        config.seed,
+    )
+    if not rows:
+        raise ConfigError(f"{config.data}: no training pairs left")
+    sets = [
+        encode_preferences(tokenizer, r, config.max_length, config.max_prompt_length) if r else []
+        for r in (rows, held)
+    ]
+    for examples in sets:
+        for i, ex in enumerate(examples):
+            ex["index"] = i
+    return sets[0], sets[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,6 +507,7 @@ def train_loop(
     output.mkdir(parents=True, exist_ok=True)
     save_config(config, output / "config.yaml")
     accelerator = accelerator or make_accelerator()
+    use_memory_efficient_layers(objective.model)
     params = [p for p in objective.model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
@@ -612,6 +649,7 @@ def _one_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    release_freed_memory()
     elapsed = time.perf_counter() - t0
     metrics = reduce_metrics(sums, count)
     metrics.update(
