@@ -16,14 +16,16 @@ from collections.abc import Sequence
 from prefalign import __version__
 from prefalign.config import ConfigError
 
-# Modules that register sub-commands, in the order they appear in `prefalign --help`.
-COMMAND_MODULES: tuple[str, ...] = (
-    "prefalign.train.dpo",
-    "prefalign.generation",
-    "prefalign.models",
-    "prefalign.rl.cli",
-    "prefalign.demo",
-)
+# The module that registers each sub-command, in the order they appear in `prefalign --help`.
+COMMANDS: dict[str, str] = {
+    "sft": "prefalign.train.sft",
+    "reward": "prefalign.train.reward",
+    "dpo": "prefalign.train.dpo",
+    "generate": "prefalign.generation",
+    "models": "prefalign.models",
+    "rl": "prefalign.rl.cli",
+    "demo": "prefalign.demo",
+}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -34,21 +36,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelError, FileNotFoundError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``command`` only that sub-command's module is imported (so that, say,
+    `prefalign rl ...` does not pay for importing the language-model stack)."""
     parser = argparse.ArgumentParser(
         prog="prefalign",
         description="Align language models with human preferences: DPO, RLHF and the RL foundations.",
     )
     parser.add_argument("--version", action="version", version=f"prefalign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
+    for name, module in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module).add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
