@@ -35,3 +35,15 @@ def tiny_model(tokenizer):
 @pytest.fixture
 def assets() -> Path:
     return ASSETS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (width 64) + the ChatML tokenizer saved as a plain Hugging Face folder."""
+    from prefalign.testing import tiny_causal_lm, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tok = tiny_tokenizer()
+    tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -21,13 +21,8 @@ from prefalign.train.loop import read_metrics
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama + ChatML tokenizer saved as a plain Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,8 @@ from prefalign.train.sft import train as train_sft
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_sft_first_loss_is_the_mean_completion_nll_and_training_lowers_it(model_dir, tmp_path):

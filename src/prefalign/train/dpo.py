@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, dpo_loss
-from prefalign.packing import Packed, pack_pairs, packed_logps, pair_tokens
+from prefalign.packing import pack_pairs, packed_logps, pair_tokens
 from prefalign.train.loop import (
     TrainConfig,
     load_pairs,
@@ -80,6 +80,38 @@ class DPOConfig(TrainConfig):
 # the objective
 
 
+REFERENCE_BATCH_FACTOR = 4
+"""Forward-only passes keep no activations, so they run on micro-batches this many times larger."""
+
+
+def reference_pass(
+    scorer: nn.Module,
+    examples: list[dict[str, Any]],
+    config: DPOConfig,
+    adapter_off: bool = False,
+    progress: bool = False,
+) -> Tensor:
+    """Reference log-probs ``[len(examples), 2]`` (chosen, rejected), forward only, in eval mode.
+
+    Args:
+        scorer: the reference model, or the policy itself (the reference before training starts, or,
+            with ``adapter_off``, a LoRA policy's base weights).
+    """
+    out = torch.zeros(len(examples), 2)
+    items = list(enumerate(examples))
+    groups = micro_batches(
+        items, lambda item: pair_tokens(item[1]), config.micro_batch_tokens * REFERENCE_BATCH_FACTOR
+    )
+    was_training = scorer.training
+    scorer.eval()
+    with torch.inference_mode(), adapter_disabled(scorer) if adapter_off else nullcontext():
+        for group in tqdm(groups, desc="reference log-probs", unit="batch", disable=not progress):
+            logps = packed_logps(scorer, pack_pairs([ex for _, ex in group]), config.average_logps)
+            out[torch.tensor([i for i, _ in group])] = logps.float().cpu().view(-1, 2)
+    scorer.train(was_training)
+    return out.clone()
+
+
 class DPOObjective:
     """Turns a micro-batch of encoded pairs into the summed DPO loss and per-pair metric sums.
 
@@ -102,26 +134,33 @@ class DPOObjective:
         self.config = config
         self.reference = reference
         self.ref_logps = ref_logps
+        self._batch_ref: dict[int, Tensor] = {}
 
     def example_tokens(self, example: dict[str, Any]) -> int:
         return pair_tokens(example)
 
-    def reference_logps(self, examples: list[dict[str, Any]], packed: Packed) -> Tensor | None:
+    def prepare(self, examples: list[dict[str, Any]]) -> None:
+        """Score a whole batch under the reference before its micro-batches run (called by the loop)."""
+        if not self.config.needs_reference or self.ref_logps is not None:
+            return
+        scorer = self.reference if self.reference is not None else self.model
+        rows = reference_pass(scorer, examples, self.config, adapter_off=self.reference is None)
+        self._batch_ref = {ex["index"]: row for ex, row in zip(examples, rows, strict=True)}
+
+    def reference_logps(self, examples: list[dict[str, Any]]) -> Tensor | None:
         """``[2B]`` reference log-probs for these pairs, or ``None`` when the loss has no reference."""
         if not self.config.needs_reference:
             return None
         if self.ref_logps is not None:
             return self.ref_logps[torch.tensor([ex["index"] for ex in examples])].reshape(-1)
-        with torch.no_grad():
-            if self.reference is not None:
-                return packed_logps(self.reference, packed, self.config.average_logps)
-            with adapter_disabled(self.model):  # LoRA: the base weights are the reference
-                return packed_logps(self.model, packed, self.config.average_logps)
+        if any(ex["index"] not in self._batch_ref for ex in examples):
+            self.prepare(examples)
+        return torch.stack([self._batch_ref[ex["index"]] for ex in examples]).reshape(-1)
 
     def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
-        packed = pack_pairs(examples)
-        ref = self.reference_logps(examples, packed)
-        policy = packed_logps(self.model, packed, self.config.average_logps)
+        policy = packed_logps(self.model, pack_pairs(examples), self.config.average_logps)
+        ref = self.reference_logps(examples)
+        ref = None if ref is None else ref.to(policy.device)
         c = self.config
         out = dpo_loss(
             policy[0::2],
@@ -144,20 +183,6 @@ class DPOObjective:
             "logps/rejected": policy[1::2].detach().sum(),
         }
         return out.losses.sum(), metrics
-
-
-def precompute_reference(model: nn.Module, examples: list[dict[str, Any]], config: DPOConfig) -> Tensor:
-    """Reference log-probs ``[n, 2]`` (chosen, rejected) of every example, in one pass without gradients."""
-    out = torch.zeros(len(examples), 2)
-    was_training = model.training
-    model.eval()
-    groups = micro_batches(examples, pair_tokens, config.micro_batch_tokens)
-    with torch.inference_mode():
-        for group in tqdm(groups, desc="reference log-probs", unit="batch", disable=not config.progress):
-            logps = packed_logps(model, pack_pairs(group), config.average_logps).float().cpu()
-            out[torch.tensor([ex["index"] for ex in group])] = logps.view(-1, 2)
-    model.train(was_training)
-    return out.clone()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,13 +212,9 @@ def build_objective(
     Returns:
         The training objective and one over the held-out pairs (``None`` without held-out pairs).
     """
-    from prefalign.models import LoraSettings, load_policy, load_reference
+    from prefalign.models import load_policy, load_reference
 
-    lora = (
-        LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
-        if config.lora_r
-        else None
-    )
+    lora = config.lora_settings()
     if model is None:
         model = load_policy(
             config.model, dtype=config.dtype, lora=lora, trust_remote_code=config.trust_remote_code
@@ -210,10 +231,9 @@ def build_objective(
     if not (config.needs_reference and config.precompute_ref):
         make = lambda: DPOObjective(model, config, reference=reference)  # noqa: E731
         return make(), (make() if held else None)
-    with adapter_disabled(model) if reference is None else nullcontext():
-        scorer = reference if reference is not None else model
-        ref_train = precompute_reference(scorer, train, config)
-        ref_held = precompute_reference(scorer, held, config) if held else None
+    scorer = reference if reference is not None else model
+    ref_train = reference_pass(scorer, train, config, adapter_off=reference is None, progress=config.progress)
+    ref_held = reference_pass(scorer, held, config, adapter_off=reference is None) if held else None
     return DPOObjective(model, config, ref_logps=ref_train), (
         DPOObjective(model, config, ref_logps=ref_held) if held else None
     )

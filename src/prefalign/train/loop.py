@@ -135,6 +135,16 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
 
+    def lora_settings(self) -> Any:
+        """The LoRA adapters these options ask for (a ``prefalign.models.LoraSettings``), or ``None``."""
+        from prefalign.models import LoraSettings
+
+        return (
+            LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
+            if self.lora_r
+            else None
+        )
+
     @property
     def examples_per_step(self) -> int:
         """Examples consumed by one optimiser step on one process."""
@@ -154,6 +164,9 @@ class Objective(Protocol):
     def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
         """Sum of the examples' losses, and per-example metric values summed over the examples."""
         ...
+
+    # Optional: ``prepare(examples)`` is called once per batch before its micro-batches, for work that
+    # needs no gradient and is cheaper in one large pass (DPO's reference log-probs).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,6 +474,8 @@ def run_examples(
     """Forward (and backward when ``scale`` is given) over micro-batches; returns metric sums and tokens."""
     sums: dict[str, Tensor] = {}
     tokens = 0
+    if hasattr(objective, "prepare"):
+        objective.prepare(list(examples))  # per-batch work without gradients (e.g. reference log-probs)
     for micro in micro_batches(examples, objective.example_tokens, budget):
         loss_sum, metrics = objective.loss(micro)
         if scale is not None:

@@ -56,18 +56,14 @@ class RewardObjective:
 
 def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Train the reward model as configured; returns the summary (also written to ``summary.json``)."""
-    from prefalign.models import LoraSettings, load_reward_model, load_tokenizer
+    from prefalign.models import load_reward_model, load_tokenizer
 
     seed_everything(config.seed)
     accelerator = make_accelerator()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     train_set, held = load_pairs(config, tokenizer)
     if model is None:
-        lora = (
-            LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
-            if config.lora_r
-            else None
-        )
+        lora = config.lora_settings()
         model = load_reward_model(
             config.model, dtype=config.dtype, lora=lora, trust_remote_code=config.trust_remote_code
         )

@@ -48,7 +48,7 @@ class SFTObjective:
 def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run SFT as configured; returns the summary (also written to ``<output>/summary.json``)."""
     from prefalign.data import encode_sft_examples, load_sft
-    from prefalign.models import LoraSettings, load_policy, load_tokenizer
+    from prefalign.models import load_policy, load_tokenizer
 
     seed_everything(config.seed)
     accelerator = make_accelerator()
@@ -68,11 +68,7 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
         raise ConfigError(f"{config.data}: no example has a completion token left to train on")
     held_set = encode_sft_examples(tokenizer, held, config.max_length) if held else []
     if model is None:
-        lora = (
-            LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
-            if config.lora_r
-            else None
-        )
+        lora = config.lora_settings()
         model = load_policy(
             config.model, dtype=config.dtype, lora=lora, trust_remote_code=config.trust_remote_code
         )
