@@ -33,6 +33,7 @@ from prefalign.train.loop import (
     load_pairs,
     make_accelerator,
     micro_batches,
+    report_done,
     seed_everything,
     train_loop,
 )
@@ -274,12 +275,11 @@ def train(
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(DPOConfig, args)
-    summary = train(config)
-    final = summary.get("eval") or summary.get("final") or {}
-    shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
-    print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f} s; model saved to {config.output}")
-    if shown:
-        print("  " + "  ".join(f"{k}={v}" for k, v in shown.items()))
+    report_done(
+        train(config),
+        config.output,
+        ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"),
+    )
     return 0
 
 

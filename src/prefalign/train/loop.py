@@ -311,11 +311,14 @@ class MetricsWriter:
         report_to: Sequence[str] = (),
         config: dict[str, Any] | None = None,
         append: bool = False,
+        enabled: bool = True,
     ) -> None:
         self.path = output / "metrics.jsonl"
-        self._file = self.path.open("a" if append else "w")
+        self._file = self.path.open("a" if append else "w") if enabled else None
         self._tb = None
         self._wandb = None
+        if not enabled:  # not the main process: write nothing
+            return
         try:
             if "tensorboard" in report_to:
                 from torch.utils.tensorboard import SummaryWriter
@@ -333,6 +336,8 @@ class MetricsWriter:
             ) from None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self._file is None:
+            return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -344,7 +349,8 @@ class MetricsWriter:
             self._wandb.log(record, step=step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -357,6 +363,23 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def report_done(summary: dict[str, Any], output: str, keys: Sequence[str] = ()) -> None:
+    """Print a run's closing line (and the chosen final/eval metrics) once, from the main process."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f} s; model saved to {output}")
+    final = {**summary.get("final", {}), **summary.get("eval", {})}
+    shown = {
+        k: v
+        for k, v in final.items()
+        if isinstance(v, float) and (not keys or k.split("/", 1)[-1] in keys or k in keys)
+    }
+    if shown:
+        print("  " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
 
 def read_metrics(output: str | Path) -> list[dict[str, Any]]:
@@ -470,16 +493,23 @@ def run_examples(
     budget: int,
     scale: float | None,
     backward: Any = None,
+    sync: Any = None,
 ) -> tuple[dict[str, Tensor], int]:
-    """Forward (and backward when ``scale`` is given) over micro-batches; returns metric sums and tokens."""
+    """Forward (and backward when ``scale`` is given) over micro-batches; returns metric sums and tokens.
+
+    ``sync(is_last_micro_batch)`` gives the context each micro-batch runs in (under DDP: ``no_sync`` for
+    all but the step's last one, so gradients are all-reduced once per step).
+    """
     sums: dict[str, Tensor] = {}
     tokens = 0
     if hasattr(objective, "prepare"):
         objective.prepare(list(examples))  # per-batch work without gradients (e.g. reference log-probs)
-    for micro in micro_batches(examples, objective.example_tokens, budget):
-        loss_sum, metrics = objective.loss(micro)
-        if scale is not None:
-            (backward or (lambda x: x.backward()))(loss_sum * scale)
+    micros = micro_batches(examples, objective.example_tokens, budget)
+    for j, micro in enumerate(micros):
+        with sync(j == len(micros) - 1) if sync is not None else nullcontext():
+            loss_sum, metrics = objective.loss(micro)
+            if scale is not None:
+                (backward or (lambda x: x.backward()))(loss_sum * scale)
         metrics = {"loss": loss_sum.detach(), **metrics}
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -520,8 +550,10 @@ def train_loop(
     start = time.perf_counter()
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    save_config(config, output / "config.yaml")
     accelerator = accelerator or make_accelerator()
+    main = accelerator.is_main_process
+    if main:
+        save_config(config, output / "config.yaml")
     use_memory_efficient_layers(objective.model)
     params = [p for p in objective.model.parameters() if p.requires_grad]
     if not params:
@@ -529,7 +561,8 @@ def train_loop(
     optimizer = make_optimizer(params, config)
     steps = total_steps(config, len(train_examples), accelerator.num_processes)
     scheduler = make_scheduler(optimizer, config, steps)
-    objective.model, optimizer, scheduler = accelerator.prepare(objective.model, optimizer, scheduler)
+    # The scheduler stays ours: Accelerate would step a prepared one once per process per step.
+    objective.model, optimizer = accelerator.prepare(objective.model, optimizer)
     state = {"step": 0}
     ckpt = latest_checkpoint(output) if config.resume else None
     if config.resume and ckpt is None:
@@ -537,7 +570,7 @@ def train_loop(
     if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator.unwrap_model(objective.model), optimizer, scheduler)
         log.info("resumed from %s (step %d)", ckpt, state["step"])
-    writer = MetricsWriter(output, config.report_to, append=ckpt is not None)
+    writer = MetricsWriter(output, config.report_to, append=ckpt is not None, enabled=main)
     scorer = eval_objective or objective
     result = _steps(
         config,
@@ -568,7 +601,8 @@ def train_loop(
         "wall_s": round(time.perf_counter() - start, 3),
         **(extra_summary or {}),
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main:
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -649,14 +683,15 @@ def _one_step(
     tokens = 0
     chunks = [examples[i : i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
     for k, chunk in enumerate(chunks):
-        context = accelerator.no_sync(objective.model) if k < len(chunks) - 1 else nullcontext()
-        with context:
-            # Each process scales its loss sum by 1 / its example count; DDP then averages over processes,
-            # which gives the mean over all examples of the step (processes get equal shares).
-            scale = 1.0 / count
-            chunk_sums, chunk_tokens = run_examples(
-                objective, chunk, config.micro_batch_tokens, scale, accelerator.backward
-            )
+
+        def sync(last_micro: bool, last_chunk: bool = k == len(chunks) - 1) -> Any:
+            return nullcontext() if last_micro and last_chunk else accelerator.no_sync(objective.model)
+
+        # Each process scales its loss sum by 1 / its example count; DDP then averages over processes,
+        # which gives the mean over all examples of the step (processes get equal shares).
+        chunk_sums, chunk_tokens = run_examples(
+            objective, chunk, config.micro_batch_tokens, 1.0 / count, accelerator.backward, sync
+        )
         for key, v in chunk_sums.items():
             sums[key] = sums.get(key, 0.0) + v
         tokens += chunk_tokens
@@ -665,12 +700,32 @@ def _one_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     release_freed_memory()
+    sums, count, tokens = _sum_over_processes(accelerator, sums, count, tokens)
     elapsed = time.perf_counter() - t0
     metrics = reduce_metrics(sums, count)
     metrics.update(
         grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed, step_s=elapsed
     )
     return StepResult(loss=metrics["loss"], metrics=metrics, tokens=tokens)
+
+
+def _sum_over_processes(
+    accelerator: Any, sums: dict[str, Tensor], count: int, tokens: int
+) -> tuple[dict[str, Tensor], int, int]:
+    """Add up metric sums, example and token counts of all processes (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return sums, count, tokens
+    keys = sorted(sums)
+    values = [torch.as_tensor(sums[k], dtype=torch.float64) for k in keys]
+    vec = torch.stack(
+        [
+            *values,
+            torch.tensor(float(count), dtype=torch.float64),
+            torch.tensor(float(tokens), dtype=torch.float64),
+        ]
+    )
+    vec = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
+    return {k: vec[i] for i, k in enumerate(keys)}, int(vec[-2]), int(vec[-1])
 
 
 def _clip(accelerator: Any, model: nn.Module, max_norm: float) -> float:

@@ -16,7 +16,14 @@ from torch import Tensor, nn
 from prefalign.config import add_config_arguments, config_from_args
 from prefalign.losses import bradley_terry_loss
 from prefalign.packing import pack_pairs, packed_scores, pair_tokens
-from prefalign.train.loop import TrainConfig, load_pairs, make_accelerator, seed_everything, train_loop
+from prefalign.train.loop import (
+    TrainConfig,
+    load_pairs,
+    make_accelerator,
+    report_done,
+    seed_everything,
+    train_loop,
+)
 
 
 @dataclass
@@ -75,12 +82,7 @@ def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any =
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(RewardConfig, args)
-    summary = train(config)
-    acc = (summary.get("eval") or {}).get("val/rewards/accuracies")
-    extra = f"; held-out accuracy {acc:.3f}" if acc is not None else ""
-    print(
-        f"done: {summary['steps']} steps in {summary['wall_s']:.1f} s{extra}; model saved to {config.output}"
-    )
+    report_done(train(config), config.output, ("loss", "rewards/accuracies", "rewards/margins"))
     return 0
 
 

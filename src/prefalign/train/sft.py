@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.packing import pack_completions, packed_logps
-from prefalign.train.loop import TrainConfig, make_accelerator, seed_everything, split_rows, train_loop
+from prefalign.train.loop import (
+    TrainConfig,
+    make_accelerator,
+    report_done,
+    seed_everything,
+    split_rows,
+    train_loop,
+)
 
 
 @dataclass
@@ -80,8 +87,7 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(SFTConfig, args)
-    summary = train(config)
-    print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f} s; model saved to {config.output}")
+    report_done(train(config), config.output, ("loss",))
     return 0
 
 
