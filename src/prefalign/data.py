@@ -680,16 +680,25 @@ def encode_preferences(
     tokenizer: Any, examples: Sequence[Row], max_length: int, max_prompt_length: int | None = None
 ) -> list[dict[str, Any]]:
     """:func:`encode_preference` over a dataset, logging how many pairs were truncated."""
-    encoded = [encode_preference(tokenizer, ex, max_length, max_prompt_length) for ex in examples]
+    encoded = [
+        encode_preference(tokenizer, ex, max_length, max_prompt_length) for ex in _progress(examples, "pairs")
+    ]
     _log_truncations(sum(e["truncated"] for e in encoded), len(encoded), max_length)
     return encoded
 
 
 def encode_sft_examples(tokenizer: Any, examples: Sequence[Row], max_length: int) -> list[dict[str, Any]]:
     """:func:`encode_sft` over a dataset, logging how many examples were truncated."""
-    encoded = [encode_sft(tokenizer, ex, max_length) for ex in examples]
+    encoded = [encode_sft(tokenizer, ex, max_length) for ex in _progress(examples, "examples")]
     _log_truncations(sum(e["truncated"] for e in encoded), len(encoded), max_length)
     return encoded
+
+
+def _progress(items: Sequence[Row], unit: str) -> Any:
+    """A tokenising progress bar for datasets large enough to take more than a moment."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="tokenising", unit=f" {unit}", disable=len(items) < 5000, leave=False)
 
 
 def _log_truncations(n: int, total: int, max_length: int) -> None:
