@@ -91,8 +91,9 @@ def test_gradient_accumulation_matches_one_big_batch(model_dir, pairs, tmp_path)
             torch.testing.assert_close(v, base_weights[k], rtol=1e-5, atol=1e-5)
 
 
-def test_resumed_run_matches_uninterrupted_run(model_dir, pairs, tmp_path, monkeypatch):
-    kw = dict(max_steps=4, save_every=2, lr_schedule="linear", warmup_steps=1)
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_resumed_run_matches_uninterrupted_run(model_dir, pairs, tmp_path, monkeypatch, lora_r):
+    kw = dict(max_steps=4, save_every=2, lr_schedule="linear", warmup_steps=1, lora_r=lora_r)
     train(config(model_dir, pairs, tmp_path / "full", **kw))
 
     real_step = loop._one_step
@@ -108,7 +109,12 @@ def test_resumed_run_matches_uninterrupted_run(model_dir, pairs, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         train(config(model_dir, pairs, tmp_path / "resumed", **kw))
     monkeypatch.setattr(loop, "_one_step", real_step)
-    assert (tmp_path / "resumed" / "checkpoints" / "step-2").is_dir()
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-2"
+    weights_file = "adapter_model.safetensors" if lora_r else "model.safetensors"
+    for name in (weights_file, "tokenizer.json", "config.yaml", "state.pt"):
+        assert (checkpoint / name).is_file(), name
+    if not lora_r:
+        AutoModelForCausalLM.from_pretrained(checkpoint)  # a checkpoint is a plain Hugging Face folder
     summary = train(config(model_dir, pairs, tmp_path / "resumed", resume=True, **kw))
     assert summary["steps"] == 4
     full, resumed = final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed")

@@ -397,25 +397,36 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    tokenizer: Any = None,
+    config: TrainConfig | None = None,
 ) -> None:
-    """Write trainable weights (safetensors), optimiser/scheduler/RNG state and loop state atomically."""
+    """Write a resumable checkpoint atomically (a temporary folder, then one rename).
+
+    The folder is a Hugging Face model folder (``from_pretrained`` loads it; for a LoRA model it holds the
+    adapter), plus the tokenizer, the resolved ``config.yaml``, ``state.pt`` (optimiser, scheduler, RNG)
+    and ``trainer_state.json``. LoRA checkpoints also keep ``trainable.safetensors``, the trainable
+    weights under their in-memory names, which is what resuming reads.
+    """
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if hasattr(model, "peft_config"):
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if config is not None:
+        save_config(config, tmp / "config.yaml")
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-        },
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
         tmp / "state.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -437,7 +448,8 @@ def load_checkpoint(
     """Restore what :func:`save_checkpoint` wrote; returns the loop state (step, ...)."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / "trainable.safetensors"))
+    lora_weights = folder / "trainable.safetensors"
+    weights = load_file(str(lora_weights if lora_weights.exists() else folder / "model.safetensors"))
     missing = set(trainable_state(model)) - set(weights)
     if missing:
         raise ConfigError(
@@ -584,6 +596,7 @@ def train_loop(
         writer,
         state,
         steps,
+        tokenizer,
     )
     final_eval = evaluate(scorer, eval_examples, config) if eval_examples else {}
     if final_eval:
@@ -618,6 +631,7 @@ def _steps(
     writer: MetricsWriter,
     state: dict[str, Any],
     steps: int,
+    tokenizer: Any = None,
 ) -> StepResult | None:
     per_step = config.examples_per_step * accelerator.num_processes
     stream = step_batches(len(train_examples), per_step, config.seed)
@@ -657,6 +671,8 @@ def _steps(
                 optimizer,
                 scheduler,
                 state,
+                tokenizer,
+                config,
             )
             prune_checkpoints(Path(config.output), config.keep_checkpoints)
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in _SHOWN if k in metrics}, refresh=False)
