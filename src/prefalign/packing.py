@@ -111,46 +111,64 @@ def _layout(sizes: list[tuple[int, int, int]]) -> BlockLayout:
     return BlockLayout(torch.stack(gather), torch.cat(scatter), torch.stack(masks)[:, None])
 
 
+class _RowBuilder:
+    """Accumulates the examples of one packed row and the completions to score in it."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.pos: list[int] = []
+        self.sizes: list[tuple[int, int, int]] = []
+        self.keep: list[int] = []
+        self.targets: list[int] = []
+        self.segment: list[int] = []
+        self.lengths: list[int] = []
+        self.ends: list[int] = []
+
+    def add_completion(self, keep: list[int], targets: list[int], end: int) -> None:
+        """A completion scored from positions ``keep`` (each predicting the matching target)."""
+        self.keep += keep
+        self.targets += targets
+        self.segment += [len(self.lengths)] * len(targets)
+        self.lengths.append(len(targets))
+        self.ends.append(end)
+
+    def build(self) -> Packed:
+        def longs(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long)
+
+        return Packed(
+            input_ids=longs(self.ids)[None],
+            position_ids=longs(self.pos)[None],
+            layout=_layout(self.sizes),
+            keep=longs(self.keep),
+            targets=longs(self.targets),
+            segment=longs(self.segment),
+            lengths=longs(self.lengths),
+            ends=longs(self.ends),
+        )
+
+
 def pack_pairs(examples: list[dict[str, Any]]) -> Packed:
     """Pack encoded pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``) into one row.
 
     A completion token ``c[k]`` is predicted by the hidden state before it: the prompt's last token for
     ``k = 0``, else ``c[k - 1]``. The same holds for the rejected completion, whose first token is also
-    predicted from the prompt's last position.
+    predicted from the prompt's last position. Completion ``2i`` is pair i's chosen, ``2i + 1`` its rejected.
     """
-    ids: list[int] = []
-    pos: list[int] = []
-    keep: list[int] = []
-    targets: list[int] = []
-    segment: list[int] = []
-    lengths: list[int] = []
-    ends: list[int] = []
-    sizes: list[tuple[int, int, int]] = []
-    for i, ex in enumerate(examples):
+    row = _RowBuilder()
+    for ex in examples:
         p, c, r = ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"]
         if not p:
             raise ValueError("pack_pairs: a pair has an empty prompt; nothing can predict its first token")
-        base = len(ids)
-        ids += [*p, *c, *r]
-        pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
+        base = len(row.ids)
+        row.ids += [*p, *c, *r]
+        row.pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
+        row.sizes.append((len(p), len(c), len(r)))
         last_prompt = base + len(p) - 1
-        for seg, start, toks in ((2 * i, base + len(p), c), (2 * i + 1, base + len(p) + len(c), r)):
-            keep += [last_prompt, *range(start, start + len(toks) - 1)][: len(toks)]
-            targets += toks
-            segment += [seg] * len(toks)
-            lengths.append(len(toks))
-            ends.append(start + len(toks) - 1 if toks else last_prompt)
-        sizes.append((len(p), len(c), len(r)))
-    return Packed(
-        input_ids=torch.tensor([ids]),
-        position_ids=torch.tensor([pos]),
-        layout=_layout(sizes),
-        keep=torch.tensor(keep),
-        targets=torch.tensor(targets),
-        segment=torch.tensor(segment),
-        lengths=torch.tensor(lengths),
-        ends=torch.tensor(ends),
-    )
+        for start, toks in ((base + len(p), c), (base + len(p) + len(c), r)):
+            keep = [last_prompt, *range(start, start + len(toks) - 1)][: len(toks)]
+            row.add_completion(keep, list(toks), start + len(toks) - 1 if toks else last_prompt)
+    return row.build()
 
 
 def pack_completions(examples: list[dict[str, Any]]) -> Packed:
@@ -159,34 +177,16 @@ def pack_completions(examples: list[dict[str, Any]]) -> Packed:
     Each sequence keeps its own positions (from 0) and attends only to itself; completion i holds the
     counted tokens of example i (label ``t`` is predicted from position ``t - 1``).
     """
-    ids: list[int] = []
-    pos: list[int] = []
-    keep: list[int] = []
-    targets: list[int] = []
-    segment: list[int] = []
-    lengths: list[int] = []
-    ends: list[int] = []
-    for i, ex in enumerate(examples):
+    row = _RowBuilder()
+    for ex in examples:
         seq, labels = ex["input_ids"], ex["labels"]
-        base = len(ids)
+        base = len(row.ids)
         counted = [t for t in range(1, len(seq)) if labels[t] != -100]
-        ids += seq
-        pos += range(len(seq))
-        keep += [base + t - 1 for t in counted]
-        targets += [labels[t] for t in counted]
-        segment += [i] * len(counted)
-        lengths.append(len(counted))
-        ends.append(base + len(seq) - 1)
-    return Packed(
-        input_ids=torch.tensor([ids]),
-        position_ids=torch.tensor([pos]),
-        layout=_layout([(len(ex["input_ids"]), 0, 0) for ex in examples]),
-        keep=torch.tensor(keep, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        segment=torch.tensor(segment, dtype=torch.long),
-        lengths=torch.tensor(lengths),
-        ends=torch.tensor(ends),
-    )
+        row.ids += seq
+        row.pos += range(len(seq))
+        row.sizes.append((len(seq), 0, 0))
+        row.add_completion([base + t - 1 for t in counted], [labels[t] for t in counted], base + len(seq) - 1)
+    return row.build()
 
 
 # --------------------------------------------------------------------------------------------------

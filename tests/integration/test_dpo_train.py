@@ -44,6 +44,23 @@ def config(model_dir, pairs, out, **kw):
     return DPOConfig(**{**base, **kw})
 
 
+def run_dpo_cli(model_dir, data, out, *extra):
+    """`python -m prefalign dpo` in a fresh process (to see exactly what a user sees on stderr)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefalign",
+        "dpo",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+    ]
+    return subprocess.run([*cmd, *extra], capture_output=True, text=True)
+
+
 def final_weights(out):
     return load_file(str(out / "model.safetensors"))
 
@@ -238,23 +255,7 @@ def test_cli_reports_config_mistakes_without_traceback(model_dir, pairs, tmp_pat
         (["--config", str(bad_yaml)], "unknown key(s) betta"),
     ]
     for extra, message in cases:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "prefalign",
-                "dpo",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(pairs),
-                "--output",
-                str(tmp_path / "x"),
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-        )
+        proc = run_dpo_cli(model_dir, pairs, tmp_path / "x", *extra)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr
         assert "Traceback" not in proc.stderr
@@ -265,22 +266,7 @@ def test_cli_reports_bad_data_with_file_and_line(model_dir, tmp_path):
     data.write_text(
         '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "", "rejected": "c"}\n'
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prefalign",
-            "dpo",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data),
-            "--output",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_dpo_cli(model_dir, data, tmp_path / "x")
     assert proc.returncode == 2
     assert "pairs.jsonl:2" in proc.stderr and "chosen" in proc.stderr
     assert "Traceback" not in proc.stderr
