@@ -321,3 +321,11 @@ def test_two_processes_train_exactly_like_one(model_dir, pairs, tmp_path):
     assert two_m == [pytest.approx(row, abs=1e-5) for row in one_m]
     for k, v in final_weights(tmp_path / "one").items():
         torch.testing.assert_close(final_weights(tmp_path / "two")[k], v, rtol=1e-5, atol=1e-5)
+
+
+def test_rpo_adds_the_chosen_per_token_nll(model_dir, pairs, tmp_path):
+    """With rpo_alpha a, the first loss is ln 2 + a * (mean per-token NLL of the chosen completions)."""
+    train(config(model_dir, pairs, tmp_path, max_steps=1, rpo_alpha=0.5))
+    first = read_metrics(tmp_path)[0]
+    assert first["nll/chosen"] > 0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll/chosen"], abs=1e-5)

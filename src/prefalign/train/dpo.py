@@ -55,6 +55,8 @@ class DPOConfig(TrainConfig):
     """SimPO's target reward margin gamma."""
     reference_free: bool = False
     """Ignore the reference model (its log-probs are taken as 0)."""
+    rpo_alpha: float = 0.0
+    """Weight of an added NLL term on the chosen completion, per token (RPO; Pang et al. 2024). 0 disables."""
     precompute_ref: bool = False
     """Compute reference log-probs in one pass before training; no reference model stays in memory."""
     ref_model: str | None = None
@@ -62,6 +64,8 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         try:
             check_dpo_args(self.loss_type, self.beta, self.label_smoothing)
         except ValueError as err:
@@ -159,7 +163,8 @@ class DPOObjective:
         return torch.stack([self._batch_ref[ex["index"]] for ex in examples]).reshape(-1)
 
     def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
-        policy = packed_logps(self.model, pack_pairs(examples), self.config.average_logps)
+        packed = pack_pairs(examples)
+        policy = packed_logps(self.model, packed, self.config.average_logps)
         ref = self.reference_logps(examples)
         ref = None if ref is None else ref.to(policy.device)
         c = self.config
@@ -174,6 +179,7 @@ class DPOObjective:
             margin=c.simpo_gamma,
             reference_free=c.reference_free,
         )
+        losses = out.losses
         margins = out.chosen_rewards - out.rejected_rewards
         metrics = {
             "rewards/chosen": out.chosen_rewards.sum(),
@@ -183,7 +189,13 @@ class DPOObjective:
             "logps/chosen": policy[0::2].detach().sum(),
             "logps/rejected": policy[1::2].detach().sum(),
         }
-        return out.losses.sum(), metrics
+        if c.rpo_alpha:
+            per_token = (
+                policy[0::2] if c.average_logps else policy[0::2] / packed.lengths[0::2].to(policy.device)
+            )
+            losses = losses + c.rpo_alpha * -per_token
+            metrics["nll/chosen"] = -per_token.detach().sum()
+        return losses.sum(), metrics
 
 
 # --------------------------------------------------------------------------------------------------
