@@ -781,7 +781,9 @@ def pack_sequences(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]
 
     Feed ``model(input_ids=..., position_ids=..., use_cache=False)`` with no attention mask:
     transformers then reads the sequence boundaries from the restarting position ids and masks
-    attention block-diagonally (SDPA, eager and flash-attention alike).
+    attention block-diagonally (SDPA, eager and flash-attention alike). This is the generic form for
+    any causal-LM forward; prefalign's trainers use :mod:`prefalign.packing`, which also shares each
+    pair's prompt, runs attention per sequence in small blocks and projects only scored positions.
 
     Args:
         seqs: token ids of each sequence.
