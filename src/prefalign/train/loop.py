@@ -488,13 +488,6 @@ def save_final_model(model: nn.Module, tokenizer: Any, output: Path) -> None:
 # the loop
 
 
-@dataclass
-class StepResult:
-    loss: float
-    metrics: dict[str, float]
-    tokens: int
-
-
 def reduce_metrics(sums: dict[str, Tensor], count: int) -> dict[str, float]:
     return {k: float(v) / max(count, 1) for k, v in sums.items()}
 
@@ -584,7 +577,7 @@ def train_loop(
         log.info("resumed from %s (step %d)", ckpt, state["step"])
     writer = MetricsWriter(output, config.report_to, append=ckpt is not None, enabled=main)
     scorer = eval_objective or objective
-    result = _steps(
+    last_metrics = _steps(
         config,
         objective,
         train_examples,
@@ -609,7 +602,7 @@ def train_loop(
         "steps": state["step"],
         "train_examples": len(train_examples),
         "eval_examples": len(eval_examples),
-        "final": result.metrics if result else {},
+        "final": last_metrics,
         "eval": final_eval,
         "wall_s": round(time.perf_counter() - start, 3),
         **(extra_summary or {}),
@@ -632,7 +625,8 @@ def _steps(
     state: dict[str, Any],
     steps: int,
     tokenizer: Any = None,
-) -> StepResult | None:
+) -> dict[str, float]:
+    """Run the remaining optimiser steps; returns the last step's metrics (empty if none ran)."""
     per_step = config.examples_per_step * accelerator.num_processes
     stream = step_batches(len(train_examples), per_step, config.seed)
     for _ in range(state["step"]):
@@ -645,11 +639,11 @@ def _steps(
         disable=not config.progress,
         dynamic_ncols=True,
     )
-    result = None
+    step_metrics: dict[str, float] = {}
     objective.model.train()
     while state["step"] < steps:
         indices = next(stream)[accelerator.process_index :: accelerator.num_processes]
-        result = _one_step(
+        step_metrics = _one_step(
             config,
             objective,
             [train_examples[i] for i in indices],
@@ -659,7 +653,7 @@ def _steps(
             scheduler,
         )
         state["step"] += 1
-        metrics = {**result.metrics, "epoch": state["step"] * per_step / len(train_examples)}
+        metrics = {**step_metrics, "epoch": state["step"] * per_step / len(train_examples)}
         if state["step"] % config.log_every == 0 or state["step"] == steps:
             writer.write(state["step"], metrics)
         if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < steps:
@@ -678,7 +672,7 @@ def _steps(
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in _SHOWN if k in metrics}, refresh=False)
         bar.update(1)
     bar.close()
-    return result
+    return step_metrics
 
 
 _SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "tokens_per_s")
@@ -692,7 +686,7 @@ def _one_step(
     accelerator: Any,
     optimizer: Any,
     scheduler: Any,
-) -> StepResult:
+) -> dict[str, float]:
     """One optimiser step over ``examples``: chunks of batch_size, micro-batches inside, one update."""
     t0 = time.perf_counter()
     sums: dict[str, Tensor] = {}
@@ -722,7 +716,7 @@ def _one_step(
     metrics.update(
         grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed, step_s=elapsed
     )
-    return StepResult(loss=metrics["loss"], metrics=metrics, tokens=tokens)
+    return metrics
 
 
 def _sum_over_processes(
