@@ -595,7 +595,7 @@ def truncate_pair(
 
 
 def encode_preference(
-    tokenizer: Any, example: Row, max_length: int, max_prompt_length: int | None = None
+    tokenizer: Any, example: Row, max_length: int, max_prompt_length: int | None = None, raw: bool = False
 ) -> dict[str, Any]:
     """Tokenise one validated preference pair.
 
@@ -612,6 +612,7 @@ def encode_preference(
         example: a row from :func:`load_preferences`.
         max_length: the most tokens of prompt + completion in one sequence.
         max_prompt_length: the most prompt tokens kept when truncating; must be < ``max_length``.
+        raw: text prompts are sent as they are, not through the chat template (see :func:`encode_prompt`).
 
     Returns:
         ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of ints, the
@@ -620,7 +621,7 @@ def encode_preference(
     max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
-    prompt = encode_prompt(tokenizer, example["prompt"])
+    prompt = encode_prompt(tokenizer, example["prompt"], raw=raw)
     chosen = encode_completion(tokenizer, example["prompt"], example["chosen"])
     rejected = encode_completion(tokenizer, example["prompt"], example["rejected"])
     prompt, chosen, rejected, truncated = truncate_pair(
@@ -642,7 +643,7 @@ def _split_messages(messages: Messages) -> tuple[Messages, Messages]:
     return messages[:k], messages[k:]
 
 
-def encode_sft(tokenizer: Any, example: Row, max_length: int) -> dict[str, Any]:
+def encode_sft(tokenizer: Any, example: Row, max_length: int, raw: bool = False) -> dict[str, Any]:
     """Tokenise one validated SFT example.
 
     ``text`` is trained on whole (its ids plus one EOS); ``prompt``/``completion`` and ``messages``
@@ -663,7 +664,7 @@ def encode_sft(tokenizer: Any, example: Row, max_length: int) -> dict[str, Any]:
             _end_with_one(_ids(tokenizer, example["text"], add_special_tokens=True), _eos(tokenizer)),
         )
     else:
-        prompt = encode_prompt(tokenizer, example["prompt"])
+        prompt = encode_prompt(tokenizer, example["prompt"], raw=raw)
         completion = encode_completion(tokenizer, example["prompt"], example["completion"])
     input_ids = (prompt + completion)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
@@ -677,19 +678,26 @@ def _eos(tokenizer: Any) -> int:
 
 
 def encode_preferences(
-    tokenizer: Any, examples: Sequence[Row], max_length: int, max_prompt_length: int | None = None
+    tokenizer: Any,
+    examples: Sequence[Row],
+    max_length: int,
+    max_prompt_length: int | None = None,
+    raw: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`encode_preference` over a dataset, logging how many pairs were truncated."""
     encoded = [
-        encode_preference(tokenizer, ex, max_length, max_prompt_length) for ex in _progress(examples, "pairs")
+        encode_preference(tokenizer, ex, max_length, max_prompt_length, raw)
+        for ex in _progress(examples, "pairs")
     ]
     _log_truncations(sum(e["truncated"] for e in encoded), len(encoded), max_length)
     return encoded
 
 
-def encode_sft_examples(tokenizer: Any, examples: Sequence[Row], max_length: int) -> list[dict[str, Any]]:
+def encode_sft_examples(
+    tokenizer: Any, examples: Sequence[Row], max_length: int, raw: bool = False
+) -> list[dict[str, Any]]:
     """:func:`encode_sft` over a dataset, logging how many examples were truncated."""
-    encoded = [encode_sft(tokenizer, ex, max_length) for ex in _progress(examples, "examples")]
+    encoded = [encode_sft(tokenizer, ex, max_length, raw) for ex in _progress(examples, "examples")]
     _log_truncations(sum(e["truncated"] for e in encoded), len(encoded), max_length)
     return encoded
 

@@ -201,3 +201,17 @@ def test_sft_text_trains_on_every_token_and_is_cut_from_the_right(tokenizer, ass
     assert tokenizer.decode(out["input_ids"]) == "The movie was wonderful and moving.<|im_end|>"
     short = encode_sft(tokenizer, example, max_length=3)
     assert short["input_ids"] == out["input_ids"][:3] and short["truncated"] is True
+
+
+def test_raw_pair_and_sft_prompts_skip_the_template(tokenizer):
+    """With raw=True a text prompt is the text's own ids (plain continuation, as the demo's movie-review
+    prefixes), the same ids encode_prompt(raw=True) gives generation; without it, the template's."""
+    row = {"prompt": "The film opens with", "chosen": " a bang.", "rejected": " a whimper."}
+    plain = encode_prompt(tokenizer, row["prompt"], raw=True)
+    templated = encode_prompt(tokenizer, row["prompt"])
+    assert plain != templated
+    assert encode_preference(tokenizer, row, 64, raw=True)["prompt_input_ids"] == plain
+    assert encode_preference(tokenizer, row, 64)["prompt_input_ids"] == templated
+    sft = encode_sft(tokenizer, {"prompt": row["prompt"], "completion": row["chosen"]}, 64, raw=True)
+    assert sft["input_ids"][: len(plain)] == plain
+    assert sft["labels"][: len(plain)] == [-100] * len(plain)

@@ -82,6 +82,8 @@ class TrainConfig:
     """Longest tokenised example (prompt + completion); longer ones are truncated and counted."""
     max_prompt_length: int | None = None
     """Longest prompt kept (cut from the left) when an example is too long; default max_length // 2."""
+    raw: bool = False
+    """Send text prompts as they are instead of through the model's chat template (plain continuation)."""
     seed: int = 0
     """Seed for data order, initialisation of new heads and sampling."""
     dtype: str = "float32"
@@ -243,7 +245,7 @@ def load_pairs(config: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
     if not rows:
         raise ConfigError(f"{config.data}: no training pairs left")
     sets = [
-        encode_preferences(tokenizer, r, config.max_length, config.max_prompt_length) if r else []
+        encode_preferences(tokenizer, r, config.max_length, config.max_prompt_length, config.raw) if r else []
         for r in (rows, held)
     ]
     for examples in sets:

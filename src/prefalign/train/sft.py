@@ -68,12 +68,12 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
     )
     train_set = [
         ex
-        for ex in encode_sft_examples(tokenizer, rows, config.max_length)
+        for ex in encode_sft_examples(tokenizer, rows, config.max_length, config.raw)
         if any(x != -100 for x in ex["labels"][1:])
     ]
     if not train_set:
         raise ConfigError(f"{config.data}: no example has a completion token left to train on")
-    held_set = encode_sft_examples(tokenizer, held, config.max_length) if held else []
+    held_set = encode_sft_examples(tokenizer, held, config.max_length, config.raw) if held else []
     if model is None:
         lora = config.lora_settings()
         model = load_policy(
