@@ -32,8 +32,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's mistake and are reported without a traceback."""
     from prefalign.data import DataError
     from prefalign.models import ModelError
+    from prefalign.rewards import RewardError
 
-    return (ConfigError, DataError, ModelError, FileNotFoundError)
+    return (ConfigError, DataError, ModelError, RewardError, FileNotFoundError)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

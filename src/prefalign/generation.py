@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefalign.data import DataError, end_of_turn_id
+from prefalign.losses import token_logps
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ class GenerationOutput:
         prompt_mask: ``[B, P]`` 1 on real prompt tokens.
         response_ids: ``[B, R]`` generated tokens, right padded with the pad id.
         response_mask: ``[B, R]`` 1 on generated tokens up to and including the stop token.
-        logprobs: ``[B, R]`` float32 log-prob of each generated token under the model's raw logits
-            (no temperature, top-k or top-p), i.e. ``log pi(a_t | s_t)`` of the policy PPO optimises;
-            0 where ``response_mask`` is 0.
+        logprobs: ``[B, R]`` float32 log-prob of each generated token under the distribution that
+            sampled it (temperature, top-k and top-p applied; the raw logits when decoding greedily);
+            0 where ``response_mask`` is 0. At temperature 1 with no filtering this is ``log pi(a_t|s_t)``
+            of the policy itself, which :func:`response_logprobs` recomputes from a fresh forward pass.
         finished: ``[B]`` bool, True where the row ended with a stop token (False: hit the length cap).
         texts: decoded responses, special tokens removed.
     """
@@ -53,6 +55,22 @@ class GenerationOutput:
     logprobs: Tensor
     finished: Tensor
     texts: list[str]
+
+    def rows(self, index: slice | Tensor | list[int]) -> GenerationOutput:
+        """The rows ``index`` of every field (a batch of the same layout)."""
+        if isinstance(index, slice):
+            texts = self.texts[index]
+        else:
+            texts = [self.texts[int(i)] for i in index]
+        return GenerationOutput(
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.response_ids[index],
+            self.response_mask[index],
+            self.logprobs[index],
+            self.finished[index],
+            texts,
+        )
 
     def sequences(self) -> tuple[Tensor, Tensor]:
         """Prompt and response joined: ``(input_ids [B, P+R], attention_mask [B, P+R])``.
@@ -234,10 +252,10 @@ def _generate_batch(
         if sample is None:
             token = logits.argmax(-1)
         else:
-            probs = warp_logits(logits, **sample).softmax(-1)
-            token = _sample(probs, generator)
+            logits = warp_logits(logits, **sample)
+            token = _sample(logits.softmax(-1), generator)
         token = token.masked_fill(done, pad_id)
-        logp = logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+        logp = token_logps(logits, token)
         tokens.append(token)
         logps.append(logp.masked_fill(done, 0.0))
         masks.append((~done).long())
@@ -261,6 +279,46 @@ def _generate_batch(
         torch.stack(logps, 1),
         done,
     )
+
+
+def response_logits(model: Any, out: GenerationOutput, temperature: float = 1.0) -> Tensor:
+    """Logits ``[B, R, V]`` (divided by ``temperature``) that predict each response token of ``out``.
+
+    One forward pass over ``prompt + response``; the vocabulary projection runs only over the last
+    ``R + 1`` positions where the model accepts ``logits_to_keep``. Gradients flow when enabled.
+    """
+    input_ids, attention_mask = out.sequences()
+    width = out.response_ids.shape[1]
+    _, keep_kw = _forward_kwargs(model)
+    extra = {"logits_to_keep": width + 1} if keep_kw else {}
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **extra,
+    ).logits
+    logits = logits[:, -(width + 1) : -1, :].float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def response_logprobs(
+    model: Any, out: GenerationOutput, temperature: float = 1.0, batch_size: int | None = None
+) -> Tensor:
+    """Log-probs ``[B, R]`` of the sampled response tokens under ``model`` at ``temperature``.
+
+    The fresh-forward counterpart of ``out.logprobs``: for the model that sampled (temperature only, no
+    top-k/top-p) the two agree to float rounding. Used for the reference model's log-probs (KL) and the
+    old policy's. No gradient; 0 off the response mask.
+    """
+    size = batch_size or out.response_ids.shape[0]
+    parts = []
+    with torch.no_grad():
+        for i in range(0, out.response_ids.shape[0], size):
+            part = out.rows(slice(i, i + size))
+            logits = response_logits(model, part, temperature)
+            parts.append(token_logps(logits, part.response_ids) * part.response_mask)
+    return torch.cat(parts)
 
 
 def _pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
@@ -308,9 +366,9 @@ def generate(
         progress: show a progress bar over batches; None shows one when there are several batches.
 
     Returns:
-        A :class:`GenerationOutput`. ``logprobs`` are under the raw logits (temperature 1, no
-        filtering): the policy's actual distribution, which PPO's importance ratio needs; sampling
-        itself uses the warped distribution.
+        A :class:`GenerationOutput`. ``logprobs`` are under the distribution that sampled (the warped
+        one), the convention PPO's importance ratio needs: the old, reference and training passes apply
+        the same temperature (:func:`response_logprobs`).
 
     Raises:
         ValueError: no prompts, an empty prompt, or a setting out of range.

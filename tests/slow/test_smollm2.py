@@ -89,16 +89,16 @@ def test_greedy_equals_transformers_generate(policy, tokenizer):
 
 
 def test_generated_logprobs_match_a_fresh_forward(policy, tokenizer):
-    """Batched, left-padded sampling on the real model: each token's log-prob equals the one from a plain
-    forward over the unpadded prompt + response (to 1e-4)."""
+    """Batched, left-padded sampling on the real model at temperature 0.8: each token's log-prob equals
+    log_softmax(logits / 0.8) of a plain forward over the unpadded prompt + response (to 1e-4)."""
     prompts = [
         encode_prompt(tokenizer, p) for p in ("Name a color.", "Tell me a fact about the moon, briefly.")
     ]
-    out = generate(policy, tokenizer, prompts, max_new_tokens=16, temperature=0.8, top_p=0.9, seed=0)
+    out = generate(policy, tokenizer, prompts, max_new_tokens=16, temperature=0.8, seed=0)
     for i, prompt in enumerate(prompts):
         response = out.response_ids[i][out.response_mask[i].bool()].tolist()
         with torch.no_grad():
-            logits = policy(input_ids=torch.tensor([prompt + response])).logits[0].float()
+            logits = policy(input_ids=torch.tensor([prompt + response])).logits[0].float() / 0.8
         expected = (
             logits[len(prompt) - 1 : -1].log_softmax(-1).gather(1, torch.tensor(response)[:, None])[:, 0]
         )

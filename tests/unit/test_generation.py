@@ -10,6 +10,8 @@ from prefalign.generation import (
     _sample,
     generate,
     position_ids_from_mask,
+    response_logits,
+    response_logprobs,
     stop_token_ids,
     warp_logits,
 )
@@ -35,22 +37,52 @@ def _responses(out: GenerationOutput) -> list[list[int]]:
 
 
 def test_logprobs_equal_a_fresh_unpadded_forward(tiny_model, tokenizer, prompts):
-    """Each generated token's log-prob must equal log_softmax(raw logits) of a plain forward over that row's
-    own prompt + response, with no padding and default positions. Sampling warps (temperature 0.7, top-k 50)
-    must not leak into the returned log-probs: PPO needs log pi under the actual policy."""
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, temperature=0.7, top_k=50, seed=3)
+    """Each generated token's log-prob must equal log_softmax(logits / T) of a plain forward over that row's
+    own prompt + response, with no padding and default positions: the log-prob under the distribution
+    that sampled (temperature 0.7 here), the convention PPO's ratio needs."""
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, temperature=0.7, seed=3)
     assert out.response_ids.shape == out.logprobs.shape == out.response_mask.shape
     for i, prompt in enumerate(prompts):
         response = _responses(out)[i]
         ids = torch.tensor([prompt + response])
         with torch.no_grad():
-            logits = tiny_model(input_ids=ids).logits[0].float()
+            logits = tiny_model(input_ids=ids).logits[0].float() / 0.7
         expected = (
             logits[len(prompt) - 1 : -1].log_softmax(-1).gather(1, torch.tensor(response)[:, None])[:, 0]
         )
         got = out.logprobs[i, : len(response)]
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
         assert torch.all(out.logprobs[i, len(response) :] == 0)
+
+
+def test_logprobs_with_top_k_are_those_of_the_truncated_distribution(tiny_model, tokenizer, prompts):
+    """With top-k the sampling distribution is the renormalised top k, so each recorded log-prob is
+    log_softmax over the warped logits: never below the plain log-prob, and the k kept probabilities
+    of every step sum to 1 (checked through the first token)."""
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, top_k=5, seed=1)
+    plain = response_logprobs(tiny_model, out)
+    mask = out.response_mask.bool()
+    assert torch.all(out.logprobs[mask] >= plain[mask] - 1e-5)
+    assert torch.any(out.logprobs[mask] > plain[mask] + 1e-3)
+    first = response_logits(tiny_model, out)[:, 0]
+    warped = warp_logits(first, top_k=5).log_softmax(-1)
+    torch.testing.assert_close(
+        out.logprobs[:, 0], warped.gather(1, out.response_ids[:, :1])[:, 0], atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_response_logprobs_of_the_sampling_model_equal_the_recorded_ones(
+    tiny_model, tokenizer, prompts, temperature
+):
+    """PPO's old/reference passes: a fresh batched forward over GenerationOutput (left-padded prompts,
+    right-padded responses) reproduces the sampled log-probs to 1e-4, at the same temperature, in one
+    batch or several; 0 off the response mask."""
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, temperature=temperature, seed=5)
+    for batch_size in (None, 2):
+        again = response_logprobs(tiny_model, out, temperature=temperature, batch_size=batch_size)
+        torch.testing.assert_close(again, out.logprobs, atol=1e-4, rtol=0)
+    assert torch.all(again[~out.response_mask.bool()] == 0)
 
 
 def test_logprobs_equal_a_padded_batch_forward(tiny_model, tokenizer, prompts):

@@ -1,0 +1,223 @@
+"""Reward sources for online training (PPO, GRPO, RLOO) and evaluation, behind one interface.
+
+A reward source is called with the prompts and completions as text and returns one float per
+completion: ``source(prompts, completions) -> list[float]``. Three kinds:
+
+- a trained reward model (a `prefalign reward` output folder): the Bradley-Terry scalar head read at
+  the last token of ``prompt + completion``;
+- ``sentiment``: VADER's compound sentiment score of the completion, in [-1, 1] (Hutto & Gilbert 2014;
+  a lexicon and rule model that runs offline, the demo's ground truth);
+- any user callable named ``module:function`` taking ``(prompts, completions)`` and returning a list of
+  numbers; the module is imported only because the user named it.
+
+Every source's output is checked (:func:`check_scores`): a wrong count, a non-number or a non-finite
+value stops the run with a :class:`RewardError` naming the source.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+BUILTIN_REWARDS = ("sentiment",)
+
+
+class RewardError(ValueError):
+    """A reward source is misconfigured or returned something unusable; the message names the source."""
+
+
+def check_scores(name: str, scores: Any, count: int) -> list[float]:
+    """Validate what a reward source returned: ``count`` finite numbers.
+
+    Raises:
+        RewardError: naming ``name`` and the first problem found.
+    """
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().float().cpu().reshape(-1).tolist()
+    if isinstance(scores, str | bytes) or not isinstance(scores, Sequence | tuple):
+        try:
+            scores = list(scores)
+        except TypeError:
+            raise RewardError(
+                f"reward {name}: expected a list of {count} numbers, got {type(scores).__name__}"
+            ) from None
+    if len(scores) != count:
+        raise RewardError(f"reward {name}: returned {len(scores)} scores for {count} completions")
+    out = []
+    for i, value in enumerate(scores):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise RewardError(f"reward {name}: score {i} is {value!r}, not a number")
+        if not math.isfinite(float(value)):
+            raise RewardError(f"reward {name}: score {i} is {value}, not finite")
+        out.append(float(value))
+    return out
+
+
+class RewardSource:
+    """Base class: ``name`` for messages and metrics, and ``__call__`` returning checked scores."""
+
+    name: str = "reward"
+
+    def score(self, prompts: list[str], completions: list[str]) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return check_scores(self.name, self.score(list(prompts), list(completions)), len(completions))
+
+
+# --------------------------------------------------------------------------------------------------
+# VADER sentiment
+
+_VADER: Any = None
+
+
+def vader_scores(texts: Sequence[str]) -> list[float]:
+    """VADER's compound sentiment score of each text, in [-1, 1] (0 for an empty text)."""
+    global _VADER
+    if _VADER is None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise RewardError(
+                "reward sentiment needs the package vaderSentiment: pip install vaderSentiment"
+            ) from None
+        _VADER = SentimentIntensityAnalyzer()
+    return [float(_VADER.polarity_scores(t)["compound"]) if t.strip() else 0.0 for t in texts]
+
+
+class SentimentReward(RewardSource):
+    """VADER's compound score of the completion (the prompt is ignored)."""
+
+    name = "sentiment"
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return vader_scores(completions)
+
+
+# --------------------------------------------------------------------------------------------------
+# user callables
+
+
+class CallableReward(RewardSource):
+    """A user function ``fn(prompts, completions) -> list[float]`` named as ``module:function``."""
+
+    def __init__(self, spec: str) -> None:
+        self.name = spec
+        self.fn = load_callable(spec)
+
+    def score(self, prompts: list[str], completions: list[str]) -> Any:
+        try:
+            return self.fn(prompts, completions)
+        except RewardError:
+            raise
+        except Exception as err:  # the user's code: report it as the reward's failure, in one line
+            raise RewardError(f"reward {self.name} raised {type(err).__name__}: {err}") from err
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """Import ``module:function`` (dotted attribute paths allowed after the colon)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardError(
+            f"reward {spec!r}: expected 'sentiment' or a callable as module:function (e.g. mypkg.rewards:length)"
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RewardError(f"reward {spec}: cannot import module {module_name!r} ({err})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(f"reward {spec}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"reward {spec}: {attr!r} is not callable")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# trained reward models
+
+
+class ModelReward(RewardSource):
+    """A Bradley-Terry reward model: the scalar head at the last token of ``prompt + completion``.
+
+    The texts are tokenised as the reward model saw them in training: the prompt through
+    :func:`prefalign.data.encode_prompt` (chat template unless ``raw``), the completion through
+    :func:`prefalign.data.encode_completion` (ending with one end-of-turn token).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        device: str | torch.device | None = None,
+        dtype: str = "float32",
+        raw: bool = False,
+        batch_size: int = 16,
+    ) -> None:
+        from prefalign.models import freeze, load_reward_model, load_tokenizer
+
+        self.name = f"model:{path}"
+        self.tokenizer = load_tokenizer(path)
+        self.model = freeze(load_reward_model(path, dtype=dtype, device=device))
+        self.raw = raw
+        self.batch_size = batch_size
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        from prefalign.data import encode_completion, encode_prompt
+
+        ids = [
+            encode_prompt(self.tokenizer, p, raw=self.raw) + encode_completion(self.tokenizer, p, c)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        return self.score_ids(ids)
+
+    def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+        """Scores of token-id sequences (prompt + completion), in batches, right padded."""
+        from prefalign.models import sequence_scores
+
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id or 0
+        out: list[float] = []
+        with torch.inference_mode():
+            for i in range(0, len(sequences), self.batch_size):
+                chunk = sequences[i : i + self.batch_size]
+                width = max(len(s) for s in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for j, s in enumerate(chunk):
+                    ids[j, : len(s)] = torch.as_tensor(list(s))
+                    mask[j, : len(s)] = 1
+                out += sequence_scores(self.model, ids.to(device), mask.to(device)).cpu().tolist()
+        return out
+
+
+def make_reward(
+    reward: str | None = None,
+    reward_model: str | None = None,
+    device: str | torch.device | None = None,
+    raw: bool = False,
+) -> RewardSource:
+    """The reward source a command's options name: exactly one of ``reward`` and ``reward_model``.
+
+    Args:
+        reward: ``"sentiment"`` or ``"module:function"``.
+        reward_model: a `prefalign reward` output folder (or any sequence classifier with one label).
+        device: where a reward model runs.
+        raw: how a reward model tokenises text prompts (as in training: chat template unless raw).
+    """
+    if (reward is None) == (reward_model is None):
+        raise RewardError(
+            "give exactly one reward source: --reward-model PATH or --reward sentiment|module:function"
+        )
+    if reward_model is not None:
+        return ModelReward(reward_model, device=device, raw=raw)
+    if reward == "sentiment":
+        return SentimentReward()
+    return CallableReward(str(reward))
