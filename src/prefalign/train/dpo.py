@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -257,11 +258,13 @@ def train(
     model: nn.Module | None = None,
     tokenizer: Any = None,
     reference: nn.Module | None = None,
+    callback: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Run DPO as configured; returns the summary (also written to ``<output>/summary.json``).
 
     ``model``, ``tokenizer`` and ``reference`` may be passed in (Python use, tests); otherwise they are
-    loaded from ``config.model`` / ``config.ref_model``.
+    loaded from ``config.model`` / ``config.ref_model``. ``callback(step, model)`` is passed to
+    :func:`~prefalign.train.loop.train_loop`.
     """
     from prefalign.models import load_tokenizer
 
@@ -278,6 +281,7 @@ def train(
         tokenizer=tokenizer,
         accelerator=accelerator,
         eval_objective=eval_objective,
+        callback=callback,
     )
 
 

@@ -19,7 +19,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,12 +547,15 @@ def train_loop(
     accelerator: Any = None,
     extra_summary: dict[str, Any] | None = None,
     eval_objective: Objective | None = None,
+    callback: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``objective.model`` on ``train_examples``; returns (and writes) the run summary.
 
     Writes to ``config.output``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-N``, the final
     model (Hugging Face folder) and ``summary.json``. ``eval_objective`` scores ``eval_examples`` when
     they need their own state (e.g. precomputed reference log-probs); by default ``objective`` does.
+    ``callback(step, model)`` is called on the main process after every ``config.eval_every`` optimiser
+    steps and after the last one, with the unwrapped model (e.g. to sample from it along training).
     """
     start = time.perf_counter()
     output = Path(config.output)
@@ -592,6 +595,7 @@ def train_loop(
         state,
         steps,
         tokenizer,
+        callback,
     )
     final_eval = evaluate(scorer, eval_examples, config) if eval_examples else {}
     if final_eval:
@@ -627,6 +631,7 @@ def _steps(
     state: dict[str, Any],
     steps: int,
     tokenizer: Any = None,
+    callback: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, float]:
     """Run the remaining optimiser steps; returns the last step's metrics (empty if none ran)."""
     per_step = config.examples_per_step * accelerator.num_processes
@@ -671,6 +676,9 @@ def _steps(
                 config,
             )
             prune_checkpoints(Path(config.output), config.keep_checkpoints)
+        at_eval = config.eval_every and state["step"] % config.eval_every == 0
+        if callback is not None and accelerator.is_main_process and (at_eval or state["step"] == steps):
+            callback(state["step"], accelerator.unwrap_model(objective.model))
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in _SHOWN if k in metrics}, refresh=False)
         bar.update(1)
     bar.close()

@@ -8,6 +8,7 @@ head read at the last token of each completion. Pairs are packed with a shared p
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,16 @@ class RewardObjective:
         }
 
 
-def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
-    """Train the reward model as configured; returns the summary (also written to ``summary.json``)."""
+def train(
+    config: RewardConfig,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """Train the reward model as configured; returns the summary (also written to ``summary.json``).
+
+    ``callback(step, model)`` is passed to :func:`~prefalign.train.loop.train_loop`.
+    """
     from prefalign.models import load_reward_model, load_tokenizer
 
     seed_everything(config.seed)
@@ -76,7 +85,13 @@ def train(config: RewardConfig, model: nn.Module | None = None, tokenizer: Any =
         )
     model.to(accelerator.device)
     return train_loop(
-        config, RewardObjective(model, config), train_set, held, tokenizer=tokenizer, accelerator=accelerator
+        config,
+        RewardObjective(model, config),
+        train_set,
+        held,
+        tokenizer=tokenizer,
+        accelerator=accelerator,
+        callback=callback,
     )
 
 

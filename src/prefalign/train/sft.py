@@ -11,6 +11,7 @@ mean over its examples.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +53,16 @@ class SFTObjective:
         return nll.sum(), {"logps/mean": mean_logps.detach().sum(), "tokens": packed.lengths.sum().float()}
 
 
-def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
-    """Run SFT as configured; returns the summary (also written to ``<output>/summary.json``)."""
+def train(
+    config: SFTConfig,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """Run SFT as configured; returns the summary (also written to ``<output>/summary.json``).
+
+    ``callback(step, model)`` is passed to :func:`~prefalign.train.loop.train_loop`.
+    """
     from prefalign.data import encode_sft_examples, load_sft
     from prefalign.models import load_policy, load_tokenizer
 
@@ -81,7 +90,13 @@ def train(config: SFTConfig, model: nn.Module | None = None, tokenizer: Any = No
         )
     model.to(accelerator.device)
     return train_loop(
-        config, SFTObjective(model), train_set, held_set, tokenizer=tokenizer, accelerator=accelerator
+        config,
+        SFTObjective(model),
+        train_set,
+        held_set,
+        tokenizer=tokenizer,
+        accelerator=accelerator,
+        callback=callback,
     )
 
 
