@@ -35,11 +35,15 @@ def show(fig: matplotlib.figure.Figure, name: str) -> None:
         plt.close(fig)
 
 
+def _fmt(c: object) -> str:
+    if not isinstance(c, float):
+        return str(c)
+    return f"{c:.3f}" if c == 0 or 1e-3 <= abs(c) < 1e4 else f"{c:.2e}"
+
+
 def table(rows: list[list[object]], header: list[str]) -> str:
     """A small Markdown table (printed by the chapters, readable as plain text too)."""
-    cells = [[str(c) for c in header]] + [
-        [f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows
-    ]
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join(
