@@ -10,7 +10,8 @@ the plain policy gradient ``-A grad log pi``. The defaults are rl-zoo3's tuned P
 CartPole-v1 (Raffin et al.; 8 envs x 32 steps, 20 epochs, gamma 0.98, lambda 0.8, lr 1e-3 annealed,
 no entropy bonus) with two changes: minibatches of 128 instead of one of 256 (on seeds 0-9 every run
 then reached a deterministic 475 within 24,576 env steps, against 8,192-65,536 with 256, and in less
-total wall time), and a constant clip range of 0.2 instead of an annealed one.
+total wall time), and a constant clip range of 0.2 instead of an annealed one. ``objective="kl"`` swaps
+the clipped surrogate for the paper's other one, the KL penalty with an adaptive coefficient (section 4).
 
 Episode boundaries with gymnasium >= 1.0 vector envs (autoreset mode ``NEXT_STEP``): the step that
 ends an episode returns the episode's final observation, and the *next* call to ``step`` ignores the
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from prefalign.config import ConfigError, config_to_dict
-from prefalign.losses import gae, ppo_policy_loss, ppo_value_loss, whiten
+from prefalign.losses import gae, ppo_kl_penalty_loss, ppo_policy_loss, ppo_value_loss, whiten
 
 
 @dataclass
@@ -77,6 +78,12 @@ class PPOConfig:
     """GAE lambda."""
     clip: float = 0.2
     """PPO ratio clip range epsilon."""
+    objective: str = "clip"
+    """Policy surrogate: clip (L^CLIP) or kl (L^KLPEN: -A ratio + kl_coef KL(old || new); Schulman et al. 2017, section 4)."""
+    kl_coef: float = 1.0
+    """Initial KL coefficient beta of the kl objective."""
+    kl_target: float | None = 0.01
+    """kl objective: after each update beta doubles if the KL exceeded 1.5 x this and halves if it fell below it / 1.5; None keeps beta fixed."""
     value_clip: float | None = None
     """Clip range for the value loss around the rollout's values; None disables it."""
     ent_coef: float = 0.0
@@ -112,6 +119,10 @@ class PPOConfig:
             raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
         if self.lr <= 0 or self.clip <= 0:
             raise ConfigError(f"lr and clip must be > 0, got {self.lr}, {self.clip}")
+        if self.objective not in ("clip", "kl"):
+            raise ConfigError(f"objective must be clip or kl, got {self.objective!r}")
+        if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
+            raise ConfigError(f"kl_coef must be >= 0 and kl_target > 0, got {self.kl_coef}, {self.kl_target}")
         if self.vectorization not in ("auto", "sync", "async"):
             raise ConfigError(f"vectorization must be auto, sync or async, got {self.vectorization!r}")
 
@@ -299,15 +310,35 @@ def advantages_and_returns(ro: Rollout, gamma: float, lam: float) -> tuple[Tenso
     return adv.T, ret.T
 
 
+def adapt_kl_coef(beta: float, kl: float, target: float) -> float:
+    """The adaptive KL coefficient of PPO's KL-penalty objective (Schulman et al. 2017, section 4).
+
+    Returns ``2 beta`` if ``kl > 1.5 target``, ``beta / 2`` if ``kl < target / 1.5``, else ``beta``.
+    """
+    if kl > 1.5 * target:
+        return beta * 2.0
+    if kl < target / 1.5:
+        return beta / 2.0
+    return beta
+
+
 def update(
-    model: ActorCritic, opt: torch.optim.Optimizer, ro: Rollout, cfg: PPOConfig, gen: torch.Generator
+    model: ActorCritic,
+    opt: torch.optim.Optimizer,
+    ro: Rollout,
+    cfg: PPOConfig,
+    gen: torch.Generator,
+    kl_coef: float | None = None,
 ) -> dict[str, float]:
     """PPO epochs over one rollout (or one A2C step); returns mean statistics over gradient steps.
 
     Reset steps (mask 0) are dropped before minibatching, so they enter no loss, no advantage
     normalisation and no statistic; the remaining transitions are shuffled each epoch and split into
-    minibatches of ``cfg.minibatch_size`` (the last one may be shorter).
+    minibatches of ``cfg.minibatch_size`` (the last one may be shorter). With ``cfg.objective == "kl"``
+    the policy loss is the KL-penalty surrogate with coefficient ``kl_coef`` (default ``cfg.kl_coef``).
+    ``policy/kl`` is the mean k3 estimate of KL(old || new) over the rollout after the update.
     """
+    beta = cfg.kl_coef if kl_coef is None else kl_coef
     adv, ret = advantages_and_returns(ro, cfg.gamma, cfg.gae_lambda)
     keep = ro.mask.reshape(-1) > 0
     flat = lambda x: x.reshape(-1, *x.shape[2:])[keep]  # noqa: E731
@@ -326,7 +357,10 @@ def update(
             out, value = model(obs[i])
             logp, ent = model.logp_entropy(out, act[i])
             a = whiten(adv[i]) if cfg.norm_adv else adv[i]
-            pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[i], a, clip=cfg.clip)
+            if cfg.objective == "kl":
+                pg_loss, pg_stats = ppo_kl_penalty_loss(logp, old_logp[i], a, beta=beta)
+            else:
+                pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[i], a, clip=cfg.clip)
             v_loss = ppo_value_loss(value, old_v[i], ret[i], clip=cfg.value_clip)
             entropy = ent.mean()
             loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
@@ -334,10 +368,14 @@ def update(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm, foreach=True)
             opt.step()
-            parts = (loss, pg_loss, v_loss, entropy, pg_stats["approx_kl"], pg_stats["clipfrac"])
+            clipfrac = pg_stats.get("clipfrac", torch.zeros(()))
+            parts = (loss, pg_loss, v_loss, entropy, pg_stats["approx_kl"], clipfrac)
             stats.append(torch.stack(parts).detach())
     means = torch.stack(stats).mean(0).tolist() if stats else [float("nan")] * len(names)
     result = dict(zip(names, means, strict=True))
+    with torch.no_grad():
+        d = model.log_prob_entropy(obs, act)[0] - old_logp
+        result["policy/kl"] = float((torch.exp(d) - 1 - d).mean()) if n else float("nan")
     var_ret = ret.var() if n > 1 else torch.tensor(0.0)
     result["value/explained_variance"] = float(1 - (ret - old_v).var() / var_ret) if var_ret > 0 else 0.0
     return result
@@ -402,6 +440,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     n_updates = max(1, cfg.total_steps // batch)
     steps, solved, next_eval, last_eval = 0, None, cfg.eval_every or math.inf, (math.nan, math.nan)
     recent: list[float] = []
+    kl_coef = cfg.kl_coef
     bar = tqdm(
         total=n_updates * batch,
         unit="step",
@@ -417,7 +456,11 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
             ro = collector.collect(model, cfg.rollout_steps)
             steps += batch
             row: dict[str, Any] = {"env_steps": steps, "lr": opt.param_groups[0]["lr"]}
-            row.update(update(model, opt, ro, cfg, gen))
+            row.update(update(model, opt, ro, cfg, gen, kl_coef))
+            if cfg.objective == "kl":
+                row["policy/kl_coef"] = kl_coef
+                if cfg.kl_target is not None:
+                    kl_coef = adapt_kl_coef(kl_coef, row["policy/kl"], cfg.kl_target)
             if collector.finished:
                 rets = [r for r, _ in collector.finished]
                 recent = (rets + recent)[:20]
