@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "sft": "prefalign.train.sft",
     "reward": "prefalign.train.reward",
     "dpo": "prefalign.train.dpo",
+    "ppo": "prefalign.train.ppo",
     "generate": "prefalign.generation",
     "models": "prefalign.models",
     "rl": "prefalign.rl.cli",

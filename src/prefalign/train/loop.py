@@ -405,14 +405,16 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     tokenizer: Any = None,
-    config: TrainConfig | None = None,
+    config: Any = None,
+    extra: dict[str, nn.Module] | None = None,
 ) -> None:
     """Write a resumable checkpoint atomically (a temporary folder, then one rename).
 
     The folder is a Hugging Face model folder (``from_pretrained`` loads it; for a LoRA model it holds the
     adapter), plus the tokenizer, the resolved ``config.yaml``, ``state.pt`` (optimiser, scheduler, RNG)
     and ``trainer_state.json``. LoRA checkpoints also keep ``trainable.safetensors``, the trainable
-    weights under their in-memory names, which is what resuming reads.
+    weights under their in-memory names, which is what resuming reads. Each ``extra`` module (e.g. PPO's
+    critic) is saved as ``<name>.safetensors``.
     """
     from safetensors.torch import save_file
 
@@ -422,6 +424,11 @@ def save_checkpoint(
     model.save_pretrained(str(tmp), safe_serialization=True)
     if hasattr(model, "peft_config"):
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    for name, module in (extra or {}).items():
+        save_file(
+            {k: v.detach().contiguous() for k, v in module.state_dict().items()},
+            str(tmp / f"{name}.safetensors"),
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if config is not None:
@@ -445,10 +452,17 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 
 def load_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns the loop state (step, ...)."""
     from safetensors.torch import load_file
+
+    for name, module in (extra or {}).items():
+        module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
 
     lora_weights = folder / "trainable.safetensors"
     weights = load_file(str(lora_weights if lora_weights.exists() else folder / "model.safetensors"))

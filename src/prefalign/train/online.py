@@ -1,0 +1,404 @@
+"""What the online methods (PPO; GRPO and RLOO build on it too) share: sample, score, re-score, batch.
+
+One iteration of an online method:
+
+1. **sample** responses to a batch of prompts from the current policy (:func:`prefalign.generation.
+   generate`, temperature applied, log-probs of the distribution that sampled);
+2. **score** them with a reward source (:mod:`prefalign.rewards`), minus ``missing_eos_penalty`` for
+   responses that hit the length cap;
+3. **re-score** the tokens under the reference model (the KL penalty) and under the policy before any
+   update (the "old" log-probs of the importance ratio), in the exact micro-batch layout of the first
+   update pass, so that the first minibatch's ratio is exactly 1;
+4. the method turns that into advantages and runs its update epochs over shuffled minibatches.
+
+The optimiser, schedule, checkpoints and metrics are :mod:`prefalign.train.loop`'s; nothing here
+copies them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prefalign.config import ConfigError
+from prefalign.generation import GenerationOutput, generate, position_ids_from_mask, response_logprobs
+from prefalign.losses import KL_ESTIMATORS, token_logps
+from prefalign.train.loop import OPTIMIZERS, SCHEDULES
+
+
+@dataclass
+class OnlineConfig:
+    """Options every online method (sample, score, update) shares."""
+
+    model: str
+    """Policy to train (also the reference unless --ref-model): a folder, hub id or builtin name."""
+    prompts: str
+    """Prompts (JSONL/JSON/CSV/Parquet or a dataset) with a "prompt" field, text or messages."""
+    output: str
+    """Run folder: checkpoints, metrics.jsonl, summary.json and the final policy go here."""
+    reward: str | None = None
+    """Reward source: sentiment (VADER's compound score of the response) or a callable module:function."""
+    reward_model: str | None = None
+    """Reward source: a `prefalign reward` output folder (use this or --reward)."""
+    ref_model: str | None = None
+    """Reference model for the KL penalty, if not the starting policy."""
+    eval_prompts: str | None = None
+    """Held-out prompts, sampled and scored at --eval-every and at the end (eval/scores, eval/kl)."""
+    eval_split: float = 0.0
+    """Fraction of --prompts held out when --eval-prompts is not given (0 disables)."""
+    raw: bool = False
+    """Send text prompts as they are instead of through the chat template (plain continuation)."""
+    iterations: int | None = None
+    """Rounds of rollout then update (default: one pass over the prompts, see --epochs)."""
+    epochs: float | None = None
+    """Passes over the prompt set, when --iterations is not given (default 1)."""
+    rollout_batch: int = 16
+    """Prompts sampled per iteration (over all processes)."""
+    response_length: int = 64
+    """New tokens per response at most; a response ends at its first stop token (EOS)."""
+    temperature: float = 1.0
+    """Sampling temperature, applied the same way in sampling, the old/reference passes and training."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a response that never ends (hits --response-length)."""
+    kl_coef: float = 0.05
+    """Weight of the KL penalty to the reference (initial value under --target-kl)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 (log-ratio), k2 or k3."""
+    ppo_epochs: int = 4
+    """Passes over each iteration's samples."""
+    minibatches: int = 1
+    """Shuffled minibatches per pass; one optimiser step each."""
+    lr: float = 3e-6
+    """Peak learning rate."""
+    optimizer: str = "adamw"
+    """Optimiser: adamw or rmsprop."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 penalty (RMSprop)."""
+    lr_schedule: str = "linear"
+    """After warm-up: constant, linear (decay to 0) or cosine (decay to 0)."""
+    warmup_steps: int = 0
+    """Linear warm-up optimiser steps; overrides --warmup-ratio when > 0."""
+    warmup_ratio: float = 0.0
+    """Warm-up length as a fraction of the optimiser steps."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    micro_batch_tokens: int = 2048
+    """Upper bound on tokens per forward pass (minibatches are split to bound memory; exact)."""
+    generation_batch: int | None = None
+    """Prompts sampled together (default: the whole rollout batch of the process)."""
+    max_prompt_length: int = 256
+    """Longest prompt kept, in tokens (cut from the left)."""
+    eval_every: int = 0
+    """Evaluate every N iterations (0: only at the end)."""
+    save_every: int = 0
+    """Checkpoint every N iterations (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep (older ones are deleted)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in --output."""
+    seed: int = 0
+    """Seed for prompt order, sampling, minibatch order and new heads."""
+    dtype: str = "float32"
+    """Weights dtype: float32 (CPU default), bfloat16, float16 or auto."""
+    report_to: list[str] = field(default_factory=list)
+    """Extra metric sinks besides metrics.jsonl: tensorboard, wandb (comma separated)."""
+    progress: bool = True
+    """Show a progress bar."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            ((self.reward is None) != (self.reward_model is None), "give exactly one of --reward-model PATH or --reward sentiment|module:function"),
+            (self.iterations is None or self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
+            (self.epochs is None or 0 < self.epochs < math.inf, f"epochs must be > 0 and finite, got {self.epochs}"),
+            (self.rollout_batch >= 1, f"rollout_batch must be >= 1, got {self.rollout_batch}"),
+            (self.response_length >= 1, f"response_length must be >= 1, got {self.response_length}"),
+            (0 < self.temperature < math.inf, f"temperature must be > 0, got {self.temperature}"),
+            (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
+            (self.kl_estimator in KL_ESTIMATORS, f"kl_estimator must be one of {tuple(KL_ESTIMATORS)}"),
+            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
+            (1 <= self.minibatches <= self.rollout_batch, f"minibatches must be in [1, rollout_batch], got {self.minibatches}"),
+            (0 < self.lr < math.inf, f"lr must be > 0 and finite, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps >= 0 and 0 <= self.warmup_ratio < 1, "warmup_steps must be >= 0 and warmup_ratio in [0, 1)"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+            (self.micro_batch_tokens >= 16, f"micro_batch_tokens must be >= 16, got {self.micro_batch_tokens}"),
+            (self.generation_batch is None or self.generation_batch >= 1, "generation_batch must be >= 1"),
+            (self.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {self.max_prompt_length}"),
+            (0.0 <= self.eval_split < 1.0, f"eval_split must be in [0, 1), got {self.eval_split}"),
+            (min(self.eval_every, self.save_every, self.keep_checkpoints) >= 0, "eval_every, save_every and keep_checkpoints must be >= 0"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (set(self.report_to) <= {"tensorboard", "wandb"}, f"report_to: unknown sink in {self.report_to}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def total_iterations(self, n_prompts: int) -> int:
+        if self.iterations is not None:
+            return self.iterations
+        return max(1, math.ceil((self.epochs or 1.0) * n_prompts / self.rollout_batch))
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts
+
+
+def encode_prompts(tokenizer: Any, rows: list[dict[str, Any]], config: OnlineConfig) -> list[list[int]]:
+    """Token ids of each prompt (as `prefalign generate` encodes them), cut from the left."""
+    from prefalign.data import encode_prompt
+
+    return [encode_prompt(tokenizer, r["prompt"], raw=config.raw)[-config.max_prompt_length :] for r in rows]
+
+
+def prompt_texts(tokenizer: Any, rows: list[dict[str, Any]]) -> list[str]:
+    """What a text reward sees as the prompt: the text itself, or a conversation's rendering."""
+    return [
+        r["prompt"]
+        if isinstance(r["prompt"], str)
+        else tokenizer.apply_chat_template(r["prompt"], tokenize=False)
+        for r in rows
+    ]
+
+
+def iteration_prompts(n_prompts: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
+    """Indices of the prompts of ``iteration`` (0-based): epochs of a fixed permutation per (seed, epoch),
+    so a resumed run sees the same prompts; an epoch's end wraps into the next epoch's start."""
+    start = iteration * per_iteration
+    out: list[int] = []
+    while len(out) < per_iteration:
+        epoch, offset = divmod(start + len(out), n_prompts)
+        order = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+        out += order[offset : offset + per_iteration - len(out)].tolist()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling and scoring
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples and what was computed about them (rows in prompt order).
+
+    Attributes:
+        out: the sampler's output (prompt/response ids and masks, sampled log-probs, texts).
+        scores: ``[N]`` reward of each response, after the missing-EOS penalty.
+        raw_scores: ``[N]`` the reward source's scores as returned.
+        ref_logprobs: ``[N, R]`` log-probs under the reference model (0 off the response mask).
+        logprobs: ``[N, R]`` log-probs under the policy before this iteration's update ("old").
+        values: ``[N, R]`` the critic's values before the update (PPO only).
+        entropy: ``[N, R]`` the policy's entropy at each response position.
+    """
+
+    out: GenerationOutput
+    scores: Tensor
+    raw_scores: Tensor
+    ref_logprobs: Tensor | None = None
+    logprobs: Tensor | None = None
+    values: Tensor | None = None
+    entropy: Tensor | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        return self.out.response_mask.float()
+
+    def __len__(self) -> int:
+        return self.out.response_ids.shape[0]
+
+
+def sample(
+    policy: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], config: OnlineConfig, seed: int
+) -> GenerationOutput:
+    """Responses of ``policy`` to ``prompt_ids`` at the config's temperature (no top-k/top-p)."""
+    return generate(
+        policy,
+        tokenizer,
+        prompt_ids,
+        max_new_tokens=config.response_length,
+        temperature=config.temperature,
+        seed=seed,
+        batch_size=config.generation_batch,
+        progress=False,
+    )
+
+
+def score(source: Any, prompts: list[str], out: GenerationOutput, penalty: float) -> tuple[Tensor, Tensor]:
+    """``(scores, raw_scores)``, both ``[N]`` float32: the source's scores, and those less ``penalty``
+    where a response never reached a stop token. A reward model sharing the policy's vocabulary scores
+    the sampled token ids themselves (no decode/re-encode round trip)."""
+    if getattr(source, "same_vocab", False):
+        ids = [
+            p[m.bool()].tolist() + r[k.bool()].tolist()
+            for p, m, r, k in zip(
+                out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, strict=True
+            )
+        ]
+        raw = torch.tensor(source.score_ids(ids), dtype=torch.float32)
+        from prefalign.rewards import check_scores
+
+        check_scores(source.name, raw, len(ids))
+    else:
+        raw = torch.tensor(source(prompts, out.texts), dtype=torch.float32)
+    return raw - penalty * (~out.finished).float().cpu(), raw
+
+
+def reference_logprobs(reference: nn.Module, out: GenerationOutput, config: OnlineConfig) -> Tensor:
+    """Reference log-probs of the sampled tokens at the sampling temperature, in token-budget batches."""
+    rows = max(1, config.micro_batch_tokens // max(1, out.prompt_ids.shape[1] + out.response_ids.shape[1]))
+    return response_logprobs(reference, out, temperature=config.temperature, batch_size=rows * 2)
+
+
+def sequence_kl(rollout: Rollout, kind: str = "k1") -> Tensor:
+    """``[N]`` sum over response tokens of the per-token KL estimate (k1: log pi - log ref)."""
+    d = (rollout.logprobs - rollout.ref_logprobs) * rollout.mask
+    return (KL_ESTIMATORS[kind](d) * rollout.mask).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# minibatches and the forward pass
+
+
+def minibatch_plan(n: int, minibatches: int, seed: int, iteration: int, epoch: int) -> list[list[int]]:
+    """Shuffled, near-equal minibatches of ``range(n)`` for one update pass, fixed by (seed, iteration,
+    epoch) so that a resumed run repeats them."""
+    order = np.random.default_rng([seed, 7919, iteration, epoch]).permutation(n)
+    return [part.tolist() for part in np.array_split(order, minibatches)]
+
+
+def micro_plan(rollout: Rollout, rows: list[int], budget: int) -> list[list[int]]:
+    """Split ``rows`` (in order) so that rows x (prompt + response width) stays within ``budget``."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    p_len = rollout.out.prompt_mask.sum(-1)
+    r_len = rollout.out.response_mask.sum(-1)
+    for i in rows:
+        trial = current + [i]
+        width = int(p_len[trial].max() + r_len[trial].max())
+        if current and width * len(trial) > budget:
+            out.append(current)
+            trial = [i]
+        current = trial
+    if current:
+        out.append(current)
+    return out
+
+
+@dataclass
+class Micro:
+    """Rows of a rollout cut to their own widths: ``input_ids``/``attention_mask`` ``[b, P' + R']``."""
+
+    rows: list[int]
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_ids: Tensor
+    mask: Tensor
+    width: int
+
+    def take(self, x: Tensor) -> Tensor:
+        """The rows and response columns of a rollout tensor ``[N, R]``."""
+        return x[self.rows, : self.width]
+
+
+def make_micro(rollout: Rollout, rows: list[int], device: torch.device) -> Micro:
+    out = rollout.out
+    p = int(out.prompt_mask[rows].sum(-1).max())
+    r = int(out.response_mask[rows].sum(-1).max())
+    prompt_ids, prompt_mask = out.prompt_ids[rows, -p:], out.prompt_mask[rows, -p:]
+    response_ids, response_mask = out.response_ids[rows, :r], out.response_mask[rows, :r]
+    input_ids = torch.cat([prompt_ids, response_ids], 1).to(device)
+    attention_mask = torch.cat([prompt_mask.to(response_mask.dtype), response_mask], 1).to(device)
+    return Micro(
+        rows, input_ids, attention_mask, response_ids.to(device), response_mask.float().to(device), r
+    )
+
+
+class PolicyWithValue(nn.Module):
+    """The policy and its critic as one module (one optimiser, one DDP wrapper).
+
+    The critic is either a separate sequence classifier (its own transformer; values from its scalar
+    head at every position) or a scalar head on the policy's own last hidden states (``shared``: one
+    transformer pass gives both logits and values).
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        self.value_head: nn.Linear | None = None
+        if value_model is None:
+            hidden = policy.get_output_embeddings().weight.shape[1]
+            self.value_head = nn.Linear(hidden, 1).to(policy.get_output_embeddings().weight.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self, micro: Micro, temperature: float, with_values: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token, and the
+        values ``[b, R']`` of the states they are predicted from."""
+        positions = position_ids_from_mask(micro.attention_mask)
+        trunk = self.policy.get_decoder()
+        hidden = trunk(
+            input_ids=micro.input_ids, attention_mask=micro.attention_mask, position_ids=positions
+        ).last_hidden_state
+        hidden = hidden[:, -(micro.width + 1) : -1]
+        logits = self.policy.get_output_embeddings()(hidden).float() / temperature
+        values = None
+        if with_values and self.value_head is not None:
+            values = self.value_head(hidden).squeeze(-1).float()
+        elif with_values:
+            from prefalign.models import token_scores
+
+            values = token_scores(self.value_model, micro.input_ids, micro.attention_mask)
+            values = values[:, -(micro.width + 1) : -1]
+        return logits, values
+
+
+def old_pass(
+    module: nn.Module, rollout: Rollout, plans: list[list[int]], device: torch.device, temperature: float
+) -> None:
+    """Fill ``rollout.logprobs``, ``.values`` and ``.entropy`` before any update, micro-batch by
+    micro-batch in the layout of the first update pass (same rows, same widths: the same arithmetic)."""
+    from prefalign.losses import entropy_from_logits
+
+    shape = rollout.out.response_ids.shape
+    rollout.logprobs = torch.zeros(shape)
+    rollout.values = torch.zeros(shape)
+    rollout.entropy = torch.zeros(shape)
+    with torch.no_grad():
+        for rows in plans:
+            micro = make_micro(rollout, rows, device)
+            logits, values = module(micro, temperature)
+            w = micro.width
+            rollout.logprobs[rows, :w] = (token_logps(logits, micro.response_ids) * micro.mask).cpu()
+            rollout.entropy[rows, :w] = (entropy_from_logits(logits) * micro.mask).cpu()
+            if values is not None:
+                rollout.values[rows, :w] = (values * micro.mask).cpu()
+
+
+def global_sum(accelerator: Any, *values: float) -> list[float]:
+    """Sums over processes of a few numbers (one all-reduce; no-op on one process)."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    vec = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(vec, reduction="sum").cpu().tolist()
+
+
+def global_whiten(accelerator: Any, x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Whiten ``x`` over the masked positions of every process (mean 0, unbiased variance 1)."""
+    n, s, ss = global_sum(
+        accelerator, float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())
+    )
+    mean = s / max(n, 1.0)
+    var = (ss - n * mean * mean) / max(n - 1.0, 1.0)
+    out = (x - mean) * (1.0 / math.sqrt(max(var, 0.0) + 1e-8))
+    return (out if shift_mean else out + mean) * mask

@@ -1,0 +1,169 @@
+"""PPO-RLHF on tiny models: the ratio at the first minibatch, learning a synthetic reward, the KL
+penalty's pull, the adaptive controller, log-prob agreement, exact resume and reward errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefalign.train import online
+from prefalign.train.loop import read_metrics
+from prefalign.train.ppo import PPOConfig, run_iteration, setup, train
+
+PREFIXES = [
+    "The movie",
+    "It was",
+    "A film about",
+    "I think",
+    "Honestly the",
+    "My friend said",
+    "The plot",
+    "Acting",
+]
+
+REWARDS = '''
+def share_of_e(prompts, completions):
+    """Ten times the share of the letter e in the response: a reward a tiny random model can learn fast
+    (the scale keeps the signal above the KL penalty's noise at kl_coef 0.05)."""
+    return [10 * c.count("e") / max(1, len(c)) for c in completions]
+
+def wrong_count(prompts, completions):
+    return [0.0]
+'''
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("ppo")
+    (folder / "ppo_rewards.py").write_text(REWARDS)
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PREFIXES * 4))
+    return folder
+
+
+@pytest.fixture
+def on_path(workdir, monkeypatch):
+    monkeypatch.syspath_prepend(str(workdir))
+    return workdir
+
+
+def config(workdir: Path, model: Path, output: str, **overrides) -> PPOConfig:
+    settings = dict(
+        model=str(model),
+        prompts=str(workdir / "prompts.jsonl"),
+        output=str(workdir / output),
+        reward="ppo_rewards:share_of_e",
+        raw=True,
+        rollout_batch=8,
+        response_length=10,
+        shared_value_head=True,
+        progress=False,
+        lr=5e-3,
+        seed=0,
+    )
+    return PPOConfig(**{**settings, **overrides})
+
+
+def test_first_minibatch_ratio_is_exactly_one_and_sampled_logprobs_match(on_path, tiny_model_dir):
+    """Before the first optimiser step the policy is the one that sampled, and the old pass used the
+    very same micro-batches: ratio exactly 1, approx_kl and clipfrac exactly 0. Later minibatches move.
+    The sampler's own log-probs equal the old pass's to 1e-4 (a KV-cached loop vs one forward)."""
+    cfg = config(on_path, tiny_model_dir, "ratio", iterations=1, ppo_epochs=2, minibatches=2, temperature=0.8)
+    run = setup(cfg)
+    ids, texts = run.prompts
+    from prefalign.train.ppo import rollout_for
+
+    rollout, _ = rollout_for(run, ids[:8], texts[:8], seed=3)
+    plans = [m for rows in online.minibatch_plan(8, 2, 0, 0, 0) for m in online.micro_plan(rollout, rows, 64)]
+    online.old_pass(run.unwrapped, rollout, plans, torch.device("cpu"), cfg.temperature)
+    torch.testing.assert_close(rollout.logprobs, rollout.out.logprobs, atol=1e-4, rtol=0)
+
+    run_iteration(run, 0)
+    first = run.minibatch_stats[0]
+    assert first["policy/ratio_mean"] == 1.0
+    assert first["policy/approx_kl"] == 0.0
+    assert first["policy/clipfrac"] == 0.0
+    assert len(run.minibatch_stats) == 4
+    assert any(s["policy/approx_kl"] > 0 for s in run.minibatch_stats[1:])
+
+
+def test_a_synthetic_reward_rises_while_kl_stays_bounded(on_path, tiny_model_dir):
+    """The score (about 0.5 for the random tiny model: one character in twenty is an e) climbs several
+    fold within 30 iterations; the KL to the reference grows but stays below the 10 tokens x ln(384)
+    nats that a policy ignoring the reference entirely could reach."""
+    summary = train(config(on_path, tiny_model_dir, "rise", iterations=30, lr_schedule="constant"))
+    rows = read_metrics(on_path / "rise")
+    scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
+    early, late = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert late > early + 1.0, (early, late)
+    assert 0 < summary["final"]["objective/kl"] < 50
+    assert (on_path / "rise" / "model.safetensors").exists()
+    assert (on_path / "rise" / "value_head.safetensors").exists()
+
+
+def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(on_path, tiny_model_dir):
+    """Same run, kl_coef 0 against 3: the penalty outweighs the score's gains, so the KL stays far lower
+    (and so does the score)."""
+    free = train(config(on_path, tiny_model_dir, "free", iterations=20, kl_coef=0.0, lr_schedule="constant"))
+    held = train(config(on_path, tiny_model_dir, "held", iterations=20, kl_coef=3.0, lr_schedule="constant"))
+    assert held["final"]["objective/kl"] < 0.5 * free["final"]["objective/kl"]
+    assert free["final"]["objective/kl"] > 5.0
+
+
+@pytest.mark.parametrize(("target", "direction"), [(1e-3, 1), (1e3, -1)])
+def test_the_adaptive_controller_moves_the_coefficient_toward_its_target(
+    on_path, tiny_model_dir, target, direction
+):
+    """KL far above a tiny target raises kl_coef every iteration after the first (whose KL is 0: the
+    policy that sampled is the reference); far below a huge target lowers it every time."""
+    train(
+        config(on_path, tiny_model_dir, f"adaptive{direction}", iterations=6, target_kl=target, kl_horizon=80)
+    )
+    coefs = [r["kl_coef"] for r in read_metrics(on_path / f"adaptive{direction}") if "kl_coef" in r]
+    assert coefs[0] == 0.05
+    steps = [b - a for a, b in zip(coefs, coefs[1:], strict=False)]
+    assert steps[0] < 0, "iteration 1 has KL 0, below any target"
+    assert all(direction * s > 0 for s in steps[1:]), coefs
+
+
+def test_resume_equals_an_uninterrupted_run(on_path, tiny_model_dir):
+    """4 iterations straight, against 2 iterations, a checkpoint, then --resume to 4: same weights, value
+    head, KL coefficient and metric rows (sampling seeds, prompt order and minibatches are fixed per
+    iteration; optimiser state and the controller are restored)."""
+    common = dict(lr_schedule="constant", target_kl=0.5, kl_horizon=100, minibatches=2, ppo_epochs=2)
+    train(config(on_path, tiny_model_dir, "whole", iterations=4, **common))
+    train(config(on_path, tiny_model_dir, "parts", iterations=2, save_every=2, **common))
+    train(config(on_path, tiny_model_dir, "parts", iterations=4, resume=True, **common))
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(on_path / "whole" / name), load_file(on_path / "parts" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    keep = ("objective/scores", "objective/kl", "kl_coef", "policy/approx_kl")
+    whole = [{k: r[k] for k in keep} for r in read_metrics(on_path / "whole") if "kl_coef" in r]
+    parts = [{k: r[k] for k in keep} for r in read_metrics(on_path / "parts") if "kl_coef" in r]
+    assert parts == whole
+
+
+def test_a_separate_value_model_trains_and_is_saved(on_path, tiny_model_dir):
+    summary = train(config(on_path, tiny_model_dir, "critic", iterations=2, shared_value_head=False))
+    assert summary["final"]["value/loss"] >= 0
+    assert (on_path / "critic" / "value_model" / "model.safetensors").exists()
+
+
+def test_a_broken_reward_stops_the_cli_with_one_line_and_status_2(on_path, tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "prefalign", "ppo", "--model", str(tiny_model_dir), "--prompts",
+         str(on_path / "prompts.jsonl"), "--output", str(on_path / "broken"), "--reward",
+         "ppo_rewards:wrong_count", "--raw", "--iterations", "1", "--rollout-batch", "4",
+         "--response-length", "4", "--no-progress", "--shared-value-head"],
+        capture_output=True, text=True, cwd=on_path, env={"PYTHONPATH": str(on_path), "PATH": ""},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "prefalign ppo: error: reward ppo_rewards:wrong_count: returned 1 scores for 4 completions"
+    assert "Traceback" not in result.stderr
