@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "reward": "prefalign.train.reward",
     "dpo": "prefalign.train.dpo",
     "ppo": "prefalign.train.ppo",
+    "score": "prefalign.rewards",
     "generate": "prefalign.generation",
     "models": "prefalign.models",
     "rl": "prefalign.rl.cli",

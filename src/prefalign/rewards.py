@@ -20,6 +20,7 @@ import importlib
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -170,13 +171,17 @@ class ModelReward(RewardSource):
         self.batch_size = batch_size
 
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return self.score_rows(prompts, completions)
+
+    def score_rows(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[float]:
+        """Scores of prompts (text or messages) and completions (text or messages), checked."""
         from prefalign.data import encode_completion, encode_prompt
 
         ids = [
             encode_prompt(self.tokenizer, p, raw=self.raw) + encode_completion(self.tokenizer, p, c)
             for p, c in zip(prompts, completions, strict=True)
         ]
-        return self.score_ids(ids)
+        return check_scores(self.name, self.score_ids(ids), len(ids))
 
     def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[float]:
         """Scores of token-id sequences (prompt + completion), in batches, right padded."""
@@ -221,3 +226,98 @@ def make_reward(
     if reward == "sentiment":
         return SentimentReward()
     return CallableReward(str(reward))
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: `prefalign score`
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreConfig:
+    """Score completions with a reward model, VADER sentiment or your function; writes JSON lines."""
+
+    data: str
+    """Rows with a "prompt" and a "completion" (or "response", as `prefalign generate` writes them)."""
+    output: str
+    """JSONL file to write: each input row with a "reward" field added."""
+    reward_model: str | None = None
+    """A `prefalign reward` output folder (use this or --reward)."""
+    reward: str | None = None
+    """sentiment (VADER's compound score) or a callable module:function."""
+    raw: bool = False
+    """How a reward model sees text prompts: as they are, instead of through the chat template."""
+    batch_size: int = 16
+    """Sequences per reward-model forward pass."""
+    device: str | None = None
+    """Where a reward model runs (cpu, cuda); default: cuda if available, else cpu."""
+
+
+def _completion_of(row: dict[str, Any], where: str) -> str:
+    from prefalign.data import DataError
+
+    for key in ("completion", "response"):
+        if key in row:
+            value = row[key]
+            if isinstance(value, list) and value and isinstance(value[-1], dict):
+                value = value[-1].get("content", "")
+            if not isinstance(value, str):
+                raise DataError(f'{where}: field "{key}" must be text, got {type(value).__name__}')
+            return value
+    raise DataError(f'{where}: missing field "completion" (or "response")')
+
+
+def run_score(config: ScoreConfig) -> list[dict[str, Any]]:
+    """Read the rows, score them with the configured source, return the rows with ``reward`` added."""
+    from prefalign.data import read_rows, validate_prompt
+
+    entries = read_rows(config.data)
+    rows = [validate_prompt(row, where) for where, row in entries]
+    completions = [_completion_of(row, where) for (where, _), row in zip(entries, rows, strict=True)]
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = make_reward(config.reward, config.reward_model, device=device, raw=config.raw)
+    if isinstance(source, ModelReward):
+        source.batch_size = config.batch_size
+    prompts = [r["prompt"] for r in rows]
+    texts = [p if isinstance(p, str) else source_text(p) for p in prompts]
+    scores = (
+        source(texts, completions)
+        if not isinstance(source, ModelReward)
+        else source.score_rows(prompts, completions)
+    )
+    return [{**row, "reward": s} for row, s in zip(rows, scores, strict=True)]
+
+
+def source_text(messages: list[dict[str, Any]]) -> str:
+    """A conversation as plain text for sources that read text ("role: content" lines)."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _score_command(args: Any) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from prefalign.config import config_from_args
+
+    config = config_from_args(ScoreConfig, args)
+    out = Path(config.output)
+    if out.is_dir():
+        raise RewardError(f"--output {out} is a folder; give a .jsonl file path")
+    records = run_score(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    mean = sum(r["reward"] for r in records) / len(records)
+    print(f"scored {len(records)} rows (mean reward {mean:.4f}) -> {out}", file=sys.stderr)
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``prefalign score``."""
+    from prefalign.config import add_config_arguments
+
+    parser = subparsers.add_parser("score", help=ScoreConfig.__doc__, description=ScoreConfig.__doc__)
+    add_config_arguments(parser, ScoreConfig)
+    parser.set_defaults(func=_score_command)

@@ -1,0 +1,57 @@
+"""`prefalign score`: rewards for rows of prompt + completion, from VADER or a reward model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prefalign.cli import main
+from prefalign.rewards import ModelReward, vader_scores
+
+ROWS = [
+    {"prompt": "The movie", "completion": " was a wonderful, moving surprise."},
+    {"prompt": "It was", "response": " dull, clumsy and far too long.", "sample": 0},
+    {"prompt": [{"role": "user", "content": "Review it."}], "completion": " Fine."},
+]
+
+
+def test_score_with_sentiment_adds_vaders_score_and_keeps_the_fields(tmp_path):
+    data = tmp_path / "samples.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", "--data", str(data), "--output", str(out), "--reward", "sentiment"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = vader_scores([ROWS[0]["completion"], ROWS[1]["response"], ROWS[2]["completion"]])
+    assert [r["reward"] for r in rows] == expected
+    assert rows[0]["reward"] > 0.5 and rows[1]["reward"] < -0.3
+    assert rows[1]["sample"] == 0
+
+
+def test_score_with_a_reward_model_matches_the_python_source(tmp_path, tiny_model_dir):
+    from prefalign.models import load_reward_model
+
+    rm = tmp_path / "rm"
+    load_reward_model(str(tiny_model_dir)).save_pretrained(rm)
+    from prefalign.models import load_tokenizer
+
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(rm)
+    data = tmp_path / "samples.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", "--data", str(data), "--output", str(out), "--reward-model", str(rm)]) == 0
+    got = [json.loads(line)["reward"] for line in out.read_text().splitlines()]
+    source = ModelReward(str(rm))
+    assert got == pytest.approx(source(["The movie", "It was"], [ROWS[0]["completion"], ROWS[1]["response"]]))
+
+
+def test_score_names_the_row_without_a_completion(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "x", "completion": "y"}) + "\n" + json.dumps({"prompt": "x"}) + "\n"
+    )
+    assert (
+        main(["score", "--data", str(data), "--output", str(tmp_path / "o.jsonl"), "--reward", "sentiment"])
+        == 2
+    )
+    assert 'bad.jsonl:2: missing field "completion"' in capsys.readouterr().err
