@@ -186,9 +186,15 @@ for A in (1.0, -1.0):
             )[0].item()
         )
     curves[A] = (np.array(clip_obj), np.array(kl_obj))
-clip_at = lambda A, rt: (
-    -ppo_policy_loss(torch.tensor([math.log(rt)]), torch.zeros(1), torch.tensor([A]), clip=0.2)[0].item()
-)  # noqa: E731
+
+
+def clip_at(A: float, rt: float) -> float:
+    """L_CLIP of one sample with advantage A at ratio rt (clip 0.2)."""
+    return -ppo_policy_loss(torch.tensor([math.log(rt)]), torch.zeros(1), torch.tensor([A]), clip=0.2)[
+        0
+    ].item()
+
+
 for A, rt, expected in ((1, 0.5, 0.5), (1, 1.5, 1.2), (-1, 0.5, -0.8), (-1, 1.5, -1.5)):
     assert math.isclose(clip_at(float(A), rt), expected, rel_tol=1e-6), (A, rt)
 
