@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow lint demo bench peers clean
+.PHONY: setup test test-slow lint demo bench peers clean docs-setup lecture docs
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q -m "unit or integration" tests
 
-test-slow: setup
+test-slow: setup docs-setup
 	$(BIN)/python -m pytest -q -m slow tests
 
 lint: setup
@@ -29,6 +29,24 @@ lint: setup
 
 demo: setup
 	$(BIN)/prefalign demo --output runs/demo
+
+# The lecture (docs/lecture/*.py, jupytext py:percent) and the documentation site need the `docs` extra.
+DOCS_STAMP := $(VENV)/.docs-installed
+docs-setup: $(DOCS_STAMP)
+
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,docs]'
+	touch $(DOCS_STAMP)
+
+# Executed notebooks in build/lecture/; `make lecture CHAPTERS="01 07"` runs only those chapters.
+# Chapter 8 trains the bundled SmolLM2 (a few minutes on a CPU).
+lecture: docs-setup
+	$(BIN)/python docs/run_lecture.py $(CHAPTERS)
+
+# The static site in build/site (offline build; open build/site/index.html). Its slow test
+# (tests/slow/test_docs_site.py) opens it in headless Chromium: `apt-get install -y chromium`.
+docs: lecture
+	$(BIN)/python docs/build_site.py
 
 # The peers the benchmarks compare against live in their own venv, never in prefalign's.
 PEERS ?= $(HOME)/.cache/peers
