@@ -1,0 +1,419 @@
+"""Plots and the HTML/Markdown report of `prefalign demo`.
+
+Everything here reads what the demo wrote to its run folder (``summary.json``, ``samples/*.jsonl`` and each
+method's ``metrics.jsonl``), so a report can be redrawn from a finished run. The HTML file is
+self-contained: plots are PNGs embedded as base64 data URIs, no script, no external style sheet.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import io
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHOD_LABELS = {
+    "reference": "reference (SmolLM2 as is)",
+    "preferred-ft": "Preferred-FT",
+    "dpo": "DPO",
+    "ppo": "RLHF-PPO (learned reward)",
+    "ppo-gt": "PPO-GT (true reward)",
+}
+
+PACKAGES = ("prefalign", "torch", "transformers", "accelerate", "vaderSentiment", "numpy", "matplotlib")
+
+
+# --------------------------------------------------------------------------------------------------
+# numbers
+
+
+def family(method: str) -> str:
+    """``dpo`` for DPO runs (``dpo``, ``dpo-beta*``), ``ppo`` for PPO on the learned reward
+    (``ppo``, ``ppo-kl*``), else the method itself."""
+    if method == "dpo" or method.startswith("dpo-beta"):
+        return "dpo"
+    if method == "ppo" or method.startswith("ppo-kl"):
+        return "ppo"
+    return method
+
+
+def dominated(point: dict[str, Any], by: Sequence[dict[str, Any]]) -> bool:
+    """True when some point of ``by`` has no more KL and at least as much reward as ``point``."""
+    return any(q["kl"] <= point["kl"] and q["reward"] >= point["reward"] for q in by)
+
+
+def frontier_sentence(points: Sequence[dict[str, Any]]) -> str:
+    """One sentence, computed from the (KL, reward) points, saying whether DPO's frontier dominates PPO's.
+
+    DPO's frontier dominates PPO's when every PPO checkpoint (learned reward) is matched by some DPO
+    checkpoint with no more KL and at least as much reward; and the other way round.
+    """
+    dpo = [p for p in points if family(p["method"]) == "dpo"]
+    ppo = [p for p in points if family(p["method"]) == "ppo"]
+    if not dpo or not ppo:
+        return "DPO and PPO were not both run, so their frontiers cannot be compared here."
+    best_d = max(dpo, key=lambda p: p["reward"])
+    best_p = max(ppo, key=lambda p: p["reward"])
+    detail = (
+        f"best DPO reward {best_d['reward']:.3f} at KL {best_d['kl']:.2f} vs best PPO reward "
+        f"{best_p['reward']:.3f} at KL {best_p['kl']:.2f}"
+    )
+    beaten = sum(dominated(p, dpo) for p in ppo)
+    if beaten == len(ppo):
+        return (
+            f"Here DPO's frontier dominates PPO's: each of the {len(ppo)} PPO checkpoints is matched by a DPO "
+            f"checkpoint with no more KL and at least as much reward ({detail})."
+        )
+    if all(dominated(p, ppo) for p in dpo):
+        return (
+            f"Here DPO's frontier does not dominate PPO's; PPO's dominates DPO's instead: each of the "
+            f"{len(dpo)} DPO checkpoints is matched by a PPO checkpoint with no more KL and at least as much "
+            f"reward ({detail})."
+        )
+    return (
+        f"Here DPO's frontier does not dominate PPO's, nor the reverse: {beaten} of {len(ppo)} PPO checkpoints "
+        f"are matched by a DPO checkpoint with no more KL and at least as much reward ({detail})."
+    )
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """The machine and the versions of the packages that produced the numbers."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "device": device,
+        "packages": versions,
+    }
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def method_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The table of methods: name, checkpoint, mean reward, mean KL, training time, training samples."""
+    rows = []
+    rm = summary.get("reward_model") or {}
+    for m in summary["methods"]:
+        train_s = f"{m['train_s']:.0f}"
+        if family(m["method"]) == "ppo" and rm:
+            train_s += f" (+{rm['wall_s']:.0f} reward model)"
+        rows.append(
+            [
+                m["method"],
+                m["checkpoint"],
+                f"{m['reward']:+.3f}",
+                f"{m['kl']:.2f}",
+                train_s,
+                str(m["training_samples"]),
+            ]
+        )
+    return rows
+
+
+TABLE_HEADER = ["method", "checkpoint", "mean reward", "mean KL", "train s", "training samples"]
+
+
+def terminal_table(summary: dict[str, Any]) -> str:
+    """The methods table as aligned plain text, with the conclusion under it."""
+    rows = [TABLE_HEADER, *method_rows(summary)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    rm = summary.get("reward_model")
+    if rm and rm.get("heldout_accuracy") is not None:
+        lines.append(
+            f"reward model held-out accuracy: {rm['heldout_accuracy']:.3f} on {rm['heldout_pairs']} pairs"
+        )
+    lines.append(summary["conclusion"])
+    lines.append(f"total wall time: {summary['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+
+
+def _figure_png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def frontier_plot(points: Sequence[dict[str, Any]]) -> bytes:
+    """Reward vs KL: one colour per method, each method's checkpoints joined in training order."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        by_method.setdefault(p["method"], []).append(p)
+    colours = plt.get_cmap("tab10")
+    for i, (method, pts) in enumerate(by_method.items()):
+        pts = sorted(pts, key=lambda p: p.get("step", 0))
+        label = METHOD_LABELS.get(method, method)
+        if method == "reference":
+            ax.scatter([p["kl"] for p in pts], [p["reward"] for p in pts], marker="*", s=160, color="black",
+                       label=label, zorder=3)  # fmt: skip
+            continue
+        ax.plot(
+            [p["kl"] for p in pts], [p["reward"] for p in pts], marker="o", color=colours(i % 10), label=label
+        )
+    ax.set_xlabel("sequence KL(pi || pi_ref), nats (mean over test prompts)")
+    ax.set_ylabel("mean reward (VADER compound)")
+    ax.set_title("Reward vs KL along training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    png = _figure_png(fig)
+    plt.close(fig)
+    return png
+
+
+CURVES = {
+    "dpo": [("loss", "DPO loss"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "accuracy")],
+    "ppo": [
+        ("objective/scores", "reward-model score"),
+        ("objective/kl", "KL"),
+        ("kl_coef", "KL coefficient"),
+    ],
+}
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves_plot(run_dir: Path, kind: str, methods: Sequence[str]) -> bytes | None:
+    """Training curves of every run of ``kind`` (dpo or ppo) from its metrics.jsonl; ``None`` if none."""
+    runs = {m: read_metrics(run_dir / "runs" / m) for m in methods if family(m) == kind}
+    runs = {m: rows for m, rows in runs.items() if rows}
+    if not runs:
+        return None
+    plt = _pyplot()
+    panels = CURVES[kind]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for method, rows in runs.items():
+            for prefix, style in (("", "-"), ("val/", "o--")):
+                xs = [r["step"] for r in rows if isinstance(r.get(prefix + key), (int, float))]
+                ys = [r[prefix + key] for r in rows if isinstance(r.get(prefix + key), (int, float))]
+                if xs:
+                    ax.plot(xs, ys, style, label=f"{method}{' held-out' if prefix else ''}", markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("step" if kind == "dpo" else "iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    png = _figure_png(fig)
+    plt.close(fig)
+    return png
+
+
+# --------------------------------------------------------------------------------------------------
+# the report
+
+
+def sample_comparison(run_dir: Path, summary: dict[str, Any], count: int = 4) -> list[dict[str, Any]]:
+    """For the first ``count`` test prompts: the reference's continuation and each method's final one."""
+    from prefalign.evaluate import read_samples
+
+    finals = {m["method"]: m for m in summary["methods"]}
+    ref = next((p for p in summary["points"] if p["method"] == "reference"), None)
+    if ref is None:
+        return []
+    columns = {"reference": read_samples(run_dir / ref["samples"])}
+    for method, m in finals.items():
+        if method != "reference":
+            columns[method] = read_samples(run_dir / f"samples/{method}-{m['checkpoint']}.jsonl")
+    out = []
+    for i, record in enumerate(columns["reference"][:count]):
+        out.append(
+            {
+                "prompt": record["prompt"],
+                "continuations": [
+                    (method, rows[i]["completion"], rows[i]["reward"]) for method, rows in columns.items()
+                ],
+            }
+        )
+    return out
+
+
+INTRO = (
+    "The controlled-sentiment experiment of the DPO paper (Rafailov et al. 2023, section 6.1 and appendix "
+    "C.1) at laptop scale. A policy continues the opening words of a movie review; the ground-truth reward "
+    "is VADER's compound sentiment score of the continuation (Hutto & Gilbert 2014), in [-1, 1], a lexicon "
+    "stand-in for the paper's sentiment classifier. Preferences are sampled from the reference policy "
+    "(several continuations per training prompt, every pair ordered by the ground truth, ties dropped); "
+    "DPO, Preferred-FT (supervised fine-tuning on the chosen completions) and the RLHF pipeline (a "
+    "Bradley-Terry reward model on the same pairs, then PPO against it with a KL penalty) all learn from "
+    "them. Each method is evaluated on held-out test prompts at several points of its training: mean reward "
+    "and mean sequence-level KL(pi || pi_ref), the sum over the response tokens of the log-ratio of samples "
+    "drawn from pi (temperature 1, fixed seed)."
+)
+
+
+def report_sections(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Everything both report formats show, as plain data plus PNG bytes."""
+    methods = [m["method"] for m in summary["methods"]]
+    images = {"frontier": frontier_plot(summary["points"])}
+    for kind in ("dpo", "ppo"):
+        png = curves_plot(run_dir, kind, methods)
+        if png is not None:
+            images[f"{kind}_curves"] = png
+    return {
+        "images": images,
+        "rows": method_rows(summary),
+        "samples": sample_comparison(run_dir, summary),
+        "config": yaml.safe_dump(summary["config"], sort_keys=False),
+        "environment": yaml.safe_dump(summary["environment"], sort_keys=False),
+        "timings": summary["phases"],
+    }
+
+
+CAPTIONS = {
+    "frontier": "Mean test reward against mean sequence KL to the reference, checkpoints joined in training order.",
+    "dpo_curves": "DPO training: loss, reward margin and preference accuracy of the implicit reward "
+    "(lines: training batches; dashed: held-out pairs).",
+    "ppo_curves": "PPO training: the reward model's score of the rollouts, their KL to the reference, and "
+    "the KL coefficient.",
+}
+
+
+def _facts(summary: dict[str, Any]) -> list[str]:
+    facts = []
+    prefs = summary.get("preferences") or {}
+    if prefs:
+        facts.append(
+            f"Preferences: {prefs['samples']} reference samples on {prefs['prompts']} training prompts, "
+            f"mean reward {prefs['mean_reward']:+.3f}; {prefs['pairs_train']} training pairs and "
+            f"{prefs['pairs_heldout']} held-out pairs ({prefs['ties_dropped']} tied pairs dropped)."
+        )
+    rm = summary.get("reward_model") or {}
+    if rm.get("heldout_accuracy") is not None:
+        facts.append(
+            f"Reward model held-out accuracy: {rm['heldout_accuracy']:.3f} on {rm['heldout_pairs']} pairs "
+            f"of prompts it never saw (training accuracy of the last batch {rm['train_accuracy']:.3f})."
+        )
+    facts.append(f"Total wall time {summary['wall_s']:.0f} s on {summary['environment']['device']}.")
+    return facts
+
+
+def write_report(run_dir: str | Path, summary: dict[str, Any]) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and the plots (``plots/*.png``) into ``run_dir``."""
+    run_dir = Path(run_dir)
+    sections = report_sections(run_dir, summary)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    for name, png in sections["images"].items():
+        (run_dir / "plots" / f"{name}.png").write_bytes(png)
+    paths = {"md": run_dir / "report.md", "html": run_dir / "report.html"}
+    paths["md"].write_text(render_markdown(summary, sections))
+    paths["html"].write_text(render_html(summary, sections))
+    return paths
+
+
+def render_markdown(summary: dict[str, Any], sections: dict[str, Any]) -> str:
+    lines = [
+        "# prefalign demo: controlled sentiment, DPO vs RLHF-PPO",
+        "",
+        INTRO,
+        "",
+        f"**{summary['conclusion']}**",
+        "",
+    ]
+    lines += [f"- {fact}" for fact in _facts(summary)] + [""]
+    lines += ["| " + " | ".join(TABLE_HEADER) + " |", "|" + " --- |" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in sections["rows"]] + [""]
+    for name in sections["images"]:
+        lines += [f"![{name}](plots/{name}.png)", "", CAPTIONS[name], ""]
+    lines += ["## Sample continuations (same test prompts, same sampling seed)", ""]
+    for item in sections["samples"]:
+        lines.append(f"**{item['prompt']}** ...")
+        lines += [f"- {method} ({reward:+.2f}): {text!r}" for method, text, reward in item["continuations"]]
+        lines.append("")
+    lines += ["## Phase timings (s)", ""]
+    lines += [f"- {name}: {t['wall_s']}{' (skipped, from an earlier run)' if t['skipped'] else ''}"
+              for name, t in sections["timings"].items()]  # fmt: skip
+    lines += ["", "## Configuration", "", "```yaml", sections["config"].rstrip(), "```", ""]
+    lines += ["## Machine and versions", "", "```yaml", sections["environment"].rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.45}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow:auto}.c{font-weight:bold}"
+)
+
+
+def render_html(summary: dict[str, Any], sections: dict[str, Any]) -> str:
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>prefalign demo report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>prefalign demo: controlled sentiment, DPO vs RLHF-PPO</h1>",
+        f"<p>{esc(INTRO)}</p>",
+        f"<p class='c'>{esc(summary['conclusion'])}</p>",
+        "<ul>" + "".join(f"<li>{esc(f)}</li>" for f in _facts(summary)) + "</ul>",
+        "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in TABLE_HEADER) + "</tr>",
+        *["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in sections["rows"]],
+        "</table>",
+    ]
+    for name, png in sections["images"].items():
+        data = base64.b64encode(png).decode()
+        parts.append(f"<figure><img alt='{name}' src='data:image/png;base64,{data}'>")
+        parts.append(f"<figcaption>{esc(CAPTIONS[name])}</figcaption></figure>")
+    parts.append("<h2>Sample continuations (same test prompts, same sampling seed)</h2>")
+    for item in sections["samples"]:
+        parts.append(f"<p><b>{esc(item['prompt'])}</b> ...</p><table>")
+        parts += [
+            f"<tr><td>{esc(m)}</td><td>{r:+.2f}</td><td>{esc(t)}</td></tr>"
+            for m, t, r in item["continuations"]
+        ]
+        parts.append("</table>")
+    parts.append("<h2>Phase timings (s)</h2><ul>")
+    parts += [
+        f"<li>{esc(n)}: {t['wall_s']}{' (skipped)' if t['skipped'] else ''}</li>"
+        for n, t in sections["timings"].items()
+    ]
+    parts.append("</ul>")
+    parts.append(f"<h2>Configuration</h2><pre>{esc(sections['config'])}</pre>")
+    parts.append(f"<h2>Machine and versions</h2><pre>{esc(sections['environment'])}</pre></body></html>")
+    return "\n".join(parts)

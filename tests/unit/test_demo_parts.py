@@ -1,0 +1,135 @@
+"""The demo's pieces: the bundled prompts, preference pairs, the KL estimate, the frontier sentence."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefalign.demo import PROMPTS_FILE, Phase, load_demo_prompts, preference_pairs, steps_between_evals
+from prefalign.evaluate import best_of_n_kl, evaluate_policy, result_from_records, sequence_kl
+from prefalign.report import frontier_sentence
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bundled_prompts_are_300_distinct_movie_review_openings_with_a_fixed_split():
+    rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows]
+    assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
+    assert all(2 <= len(p.split()) <= 8 for p in prompts)
+    train, test = load_demo_prompts(None)
+    assert len(test) >= 64 and len(train) + len(test) == len(prompts)
+    assert not set(train) & set(test)
+    assert test == [r["prompt"] for r in rows if r["split"] == "test"]  # the split is in the file
+
+
+def test_prompts_ship_in_the_wheel():
+    """setuptools only packages non-Python files that package-data names."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    assert '"assets/*.jsonl"' in section
+
+
+def test_four_samples_give_six_pairs_ordered_by_reward_and_ties_are_dropped():
+    pairs, ties = preference_pairs("p", ["a", "b", "c", "d"], [0.5, -0.2, 0.9, 0.1])
+    assert ties == 0 and len(pairs) == 6
+    assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        ("a", "b"), ("c", "a"), ("a", "d"), ("c", "b"), ("d", "b"), ("c", "d"),
+    }  # fmt: skip
+    pairs, ties = preference_pairs("p", ["a", "b", "c", "d"], [0.0, 0.0, 0.3, 0.0])
+    assert ties == 3 and sorted(p["rejected"] for p in pairs) == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "evals", "every"), [(10, 3, 4), (9, 3, 3), (4, 3, 1), (40, 3, 14), (30, 3, 10), (7, 1, 7)]
+)
+def test_eval_spacing(steps, evals, every):
+    """The training loop evaluates at multiples of eval_every and at the last step: 10 steps every 4 gives
+    4, 8, 10; 4 steps need every step (every 2 would give only 2, 4)."""
+    assert steps_between_evals(steps, evals) == every
+    points = len([s for s in range(1, steps + 1) if s % every == 0 or s == steps])
+    assert points >= min(evals, steps)
+
+
+def test_sequence_kl_sums_the_log_ratio_over_response_tokens_only():
+    """Row 0: (-1 - -2) + (-0.5 - -0.25) = 1 - 0.25 = 0.75; its third token is padding (mask 0)."""
+    policy = torch.tensor([[-1.0, -0.5, -9.0], [-0.1, -0.2, -0.3]])
+    ref = torch.tensor([[-2.0, -0.25, 0.0], [-0.1, -0.2, -0.3]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(sequence_kl(policy, ref, mask), torch.tensor([0.75, 0.0]))
+
+
+def test_best_of_n_kl():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_evaluate_policy_kl_matches_a_naive_forward_pass(tokenizer, tiny_model):
+    """KL of samples from pi = sum over their tokens of log pi - log pi_ref, here by one full forward pass
+    per sample and model (no KV cache, no padding), on the same samples (same seed, same batch)."""
+    from prefalign.data import encode_prompt
+    from prefalign.generation import generate
+    from prefalign.testing import tiny_causal_lm
+
+    reference = tiny_causal_lm(tokenizer=tokenizer, seed=1)
+    prompts = ["The film opens with", "I went into this movie"]
+    result = evaluate_policy(
+        tiny_model, reference, tokenizer, prompts, lambda p, c: [len(x) for x in c], max_new_tokens=6, seed=0
+    )
+    ids = [encode_prompt(tokenizer, p, raw=True) for p in prompts]
+    out = generate(tiny_model, tokenizer, ids, max_new_tokens=6, seed=0, batch_size=64)
+    assert out.texts == [r["completion"] for r in result.records]
+    for i, record in enumerate(result.records):
+        response = out.response_ids[i][out.response_mask[i].bool()].tolist()
+        full = torch.tensor([ids[i] + response])
+        total = 0.0
+        for model, sign in ((tiny_model, 1.0), (reference, -1.0)):
+            logps = model(full).logits[0, len(ids[i]) - 1 : -1].log_softmax(-1)
+            total += sign * logps.gather(1, full[0, len(ids[i]) :, None]).sum().item()
+        assert record["kl"] == pytest.approx(total, abs=1e-4)
+        assert record["reward"] == len(record["completion"])
+    assert result.kl == pytest.approx(sum(r["kl"] for r in result.records) / 2)
+    same = evaluate_policy(reference, reference, tokenizer, prompts, lambda p, c: [0.0] * 2, max_new_tokens=6)
+    assert abs(same.kl) < 1e-4
+
+
+def test_result_means():
+    r = result_from_records([{"reward": 1.0, "kl": 2.0}, {"reward": 0.0, "kl": 4.0}])
+    assert (r.reward, r.kl) == (0.5, 3.0)
+
+
+def _pt(method, kl, reward):
+    return {"method": method, "kl": kl, "reward": reward}
+
+
+def test_frontier_sentence_says_which_way_it_falls():
+    dpo = [_pt("dpo", 1.0, 0.4), _pt("dpo", 3.0, 0.6)]
+    ppo = [_pt("ppo", 2.0, 0.3), _pt("ppo", 4.0, 0.5)]
+    assert frontier_sentence(dpo + ppo).startswith("Here DPO's frontier dominates PPO's")
+    worse = [_pt("dpo", 2.0, 0.2), _pt("dpo", 5.0, 0.45)]
+    assert "PPO's dominates DPO's" in frontier_sentence(worse + ppo)
+    mixed = [_pt("dpo", 1.0, 0.4), _pt("dpo", 5.0, 0.45)]
+    assert "nor the reverse: 1 of 2 PPO" in frontier_sentence(mixed + ppo)
+    assert "not both run" in frontier_sentence(dpo)
+    # beta-sweep runs count as DPO, target-KL runs as PPO; PPO-GT is neither
+    sweep = [_pt("dpo-beta5", 0.5, 0.9), _pt("ppo-kl6", 1.0, 0.8), _pt("ppo-gt", 0.1, 1.0)]
+    assert frontier_sentence(sweep).startswith("Here DPO's frontier dominates")
+
+
+def test_phase_is_complete_only_with_the_same_inputs(tmp_path):
+    phase = Phase("x", tmp_path / "x", {"lr": 1e-6})
+    assert phase.completed() is None
+    phase.reset(tmp_path)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "x-step-1.jsonl").write_text("{}\n")
+    phase.finish({"points": [{"samples": "samples/x-step-1.jsonl"}]}, 1.5)
+    assert phase.completed()["wall_s"] == 1.5
+    changed = Phase("x", tmp_path / "x", {"lr": 2e-6})
+    assert changed.completed() is None
+    changed.reset(tmp_path)  # a rerun removes the old samples of this phase
+    assert not (tmp_path / "samples" / "x-step-1.jsonl").exists()
