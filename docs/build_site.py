@@ -219,6 +219,27 @@ def lecture_pages(work: Path, lecture_dir: Path) -> list[dict[str, str]]:
     return nav
 
 
+def copy_mathjax(work: Path) -> None:
+    """MathJax 2 (from the ``jupyter-server-mathjax`` package) into the site, so that the lecture's formulas
+    render offline; ``mkdocs.yml`` points mkdocs-jupyter's ``custom_mathjax_url`` at it."""
+    import jupyter_server_mathjax
+
+    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+    target = work / "assets" / "mathjax"
+    shutil.copytree(static, target)
+    (target / "config" / "local").mkdir(parents=True, exist_ok=True)
+    (target / "config" / "local" / "prefalign.js").write_text(MATHJAX_CONFIG)
+
+
+# The combined TeX config carries the HTML-CSS output; with web fonts off it typesets with the fonts the
+# reader has, so it also works from file:// URLs (where browsers refuse to load web fonts).
+MATHJAX_CONFIG = """MathJax.Hub.Config({
+  "HTML-CSS": {availableFonts: [], preferredFont: null, webFont: null, imageFont: null}
+});
+MathJax.Ajax.loadComplete("[MathJax]/config/local/prefalign.js");
+"""
+
+
 def generate(work: Path, lecture_dir: Path) -> list[Any]:
     """Write every page under ``work``; returns the navigation."""
     from prefalign.cli import COMMANDS
@@ -226,6 +247,7 @@ def generate(work: Path, lecture_dir: Path) -> list[Any]:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    copy_mathjax(work)
     (work / "index.md").write_text(_rewrite_links((ROOT / "README.md").read_text()))
     (work / "benchmarks.md").write_text(_rewrite_links((ROOT / "BENCHMARKS.md").read_text()))
     (work / "commands").mkdir()

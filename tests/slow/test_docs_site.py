@@ -92,6 +92,7 @@ def test_lecture_page_renders_its_figures_in_chromium(site):
         assert pixels.shape[0] > 200 and pixels.shape[1] > 200
         assert pixels.std() > 0.05, "a blank figure"
     assert "max |pi - pi*|" in dom  # the chapter's printed output is on the page too
+    assert 'class="MathJax' in dom and "Math Processing Error" not in dom  # formulas typeset offline
     shot = site.parent / "lecture.png"
     run_chromium("--window-size=1200,2400", f"--screenshot={shot}", page.as_uri(), cwd=site)
     assert decode_png(shot.name, shot).std() > 0.05
