@@ -111,7 +111,8 @@ def options_table(cls: type) -> str:
         if hints[f.name] is bool:
             flag += f" / --no-{f.name.replace('_', '-')}"
         lines.append(
-            f"| `{flag}` | `{_cell(_type_name(hints[f.name]))}` | {_cell(_default(f))} | {_cell(docs.get(f.name, ''))} |"
+            # a pipe inside a code span does not split the cell; elsewhere it must be escaped
+            f"| `{flag}` | `{_type_name(hints[f.name])}` | {_default(f)} | {_cell(docs.get(f.name, ''))} |"
         )
     return "\n".join(lines)
 
