@@ -46,6 +46,11 @@ class GenerationOutput:
             of the policy itself, which :func:`response_logprobs` recomputes from a fresh forward pass.
         finished: ``[B]`` bool, True where the row ended with a stop token (False: hit the length cap).
         texts: decoded responses, special tokens removed.
+        hidden: ``[B, R, H]`` (only with ``return_hidden``) the input of the output layer at the position
+            that predicted each response token: the final hidden state a value head on the policy's
+            trunk reads, so a critic's values come without another transformer pass.
+        entropy: ``[B, R]`` (only with ``return_hidden``) entropy of the sampling distribution at each
+            response position.
     """
 
     prompt_ids: Tensor
@@ -55,6 +60,8 @@ class GenerationOutput:
     logprobs: Tensor
     finished: Tensor
     texts: list[str]
+    hidden: Tensor | None = None
+    entropy: Tensor | None = None
 
     def rows(self, index: slice | Tensor | list[int]) -> GenerationOutput:
         """The rows ``index`` of every field (a batch of the same layout)."""
@@ -70,6 +77,8 @@ class GenerationOutput:
             self.logprobs[index],
             self.finished[index],
             texts,
+            None if self.hidden is None else self.hidden[index],
+            None if self.entropy is None else self.entropy[index],
         )
 
     def sequences(self) -> tuple[Tensor, Tensor]:
@@ -214,6 +223,23 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.devic
     return ids.to(device), mask.to(device)
 
 
+class _HiddenTap:
+    """Keeps the last position's input of the output layer on every forward (a forward hook)."""
+
+    def __init__(self, model: Any) -> None:
+        self.last: Tensor | None = None
+        self.handle = model.get_output_embeddings().register_forward_hook(self)
+
+    def __call__(self, module: Any, args: tuple[Tensor, ...], output: Tensor) -> None:
+        self.last = args[0][:, -1, :].detach()
+
+
+def _entropy(scores: Tensor) -> Tensor:
+    """Entropy of softmax(scores) per row; ``-inf`` scores (filtered tokens) count as probability 0."""
+    logp = scores.log_softmax(-1)
+    return -(logp.exp() * logp.masked_fill(torch.isinf(scores), 0.0)).sum(-1)
+
+
 def _generate_batch(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -222,13 +248,32 @@ def _generate_batch(
     max_new_tokens: int,
     sample: dict[str, Any] | None,
     generator: torch.Generator | None,
+    return_hidden: bool = False,
 ) -> tuple[Tensor, ...]:
     """One batch of the sampling loop. ``sample=None`` means greedy; else warp settings.
 
     Returns:
         prompt_ids [b, P], prompt_mask [b, P], response_ids [b, R], response_mask [b, R],
-        logprobs [b, R], finished [b].
+        logprobs [b, R], finished [b], and with ``return_hidden`` also hidden [b, R, H], entropy [b, R].
     """
+    tap = _HiddenTap(model) if return_hidden else None
+    try:
+        return _decode(model, prompts, pad_id, stops, max_new_tokens, sample, generator, tap)
+    finally:
+        if tap is not None:
+            tap.handle.remove()
+
+
+def _decode(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    stops: Tensor,
+    max_new_tokens: int,
+    sample: dict[str, Any] | None,
+    generator: torch.Generator | None,
+    tap: _HiddenTap | None,
+) -> tuple[Tensor, ...]:
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = _left_pad(prompts, pad_id, device)
     cache_kw, keep_kw = _forward_kwargs(model)
@@ -247,6 +292,8 @@ def _generate_batch(
     tokens: list[Tensor] = []
     logps: list[Tensor] = []
     masks: list[Tensor] = []
+    hidden: list[Tensor] = []
+    entropy: list[Tensor] = []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()
         if sample is None:
@@ -256,6 +303,9 @@ def _generate_batch(
             token = _sample(logits.softmax(-1), generator)
         token = token.masked_fill(done, pad_id)
         logp = token_logps(logits, token)
+        if tap is not None:
+            hidden.append(tap.last * (~done)[:, None])
+            entropy.append(_entropy(logits).masked_fill(done, 0.0))
         tokens.append(token)
         logps.append(logp.masked_fill(done, 0.0))
         masks.append((~done).long())
@@ -271,6 +321,7 @@ def _generate_batch(
             **{cache_kw: _cache_of(out)},
         )
         position = position + 1
+    extra = (torch.stack(hidden, 1), torch.stack(entropy, 1)) if tap is not None else ()
     return (
         prompt_ids,
         prompt_mask,
@@ -278,6 +329,7 @@ def _generate_batch(
         torch.stack(masks, 1),
         torch.stack(logps, 1),
         done,
+        *extra,
     )
 
 
@@ -321,6 +373,11 @@ def response_logprobs(
     return torch.cat(parts)
 
 
+def _pad_to3(x: Tensor, width: int) -> Tensor:
+    """Right-pad ``[b, r, H]`` with zeros to ``[b, width, H]``."""
+    return F.pad(x, (0, 0, 0, width - x.shape[1])) if x.shape[1] < width else x
+
+
 def _pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
     extra = width - x.shape[1]
     if extra == 0:
@@ -341,6 +398,7 @@ def generate(
     batch_size: int | None = None,
     stop_ids: Sequence[int] | None = None,
     progress: bool | None = None,
+    return_hidden: bool = False,
 ) -> GenerationOutput:
     """Sample responses to token-id prompts with a KV cache, in batches.
 
@@ -364,6 +422,8 @@ def generate(
         batch_size: prompts per forward batch; None means all at once.
         stop_ids: tokens that end a response; default :func:`stop_token_ids`.
         progress: show a progress bar over batches; None shows one when there are several batches.
+        return_hidden: also return each response position's final hidden state and the sampling
+            distribution's entropy (``hidden``, ``entropy``; for a critic on the policy's trunk).
 
     Returns:
         A :class:`GenerationOutput`. ``logprobs`` are under the distribution that sampled (the warped
@@ -396,7 +456,9 @@ def generate(
     try:
         with torch.no_grad():
             parts = [
-                _generate_batch(model, chunk, pad_id, stops.to(device), max_new_tokens, sample, generator)
+                _generate_batch(
+                    model, chunk, pad_id, stops.to(device), max_new_tokens, sample, generator, return_hidden
+                )
                 for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not show)
             ]
     finally:
@@ -409,11 +471,17 @@ def generate(
     response_mask = torch.cat([_pad_to(p[3], width_r, 0, left=False) for p in parts])
     logprobs = torch.cat([_pad_to(p[4], width_r, 0.0, left=False) for p in parts])
     finished = torch.cat([p[5] for p in parts])
+    hidden = entropy = None
+    if return_hidden:
+        hidden = torch.cat([_pad_to3(p[6], width_r) for p in parts])
+        entropy = torch.cat([_pad_to(p[7], width_r, 0.0, left=False) for p in parts])
     texts = [
         tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
         for ids, mask in zip(response_ids.cpu(), response_mask.cpu(), strict=True)
     ]
-    return GenerationOutput(prompt_ids, prompt_mask, response_ids, response_mask, logprobs, finished, texts)
+    return GenerationOutput(
+        prompt_ids, prompt_mask, response_ids, response_mask, logprobs, finished, texts, hidden, entropy
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from prefalign.train import online
 from prefalign.train.loop import read_metrics
-from prefalign.train.ppo import PPOConfig, run_iteration, setup, train
+from prefalign.train.ppo import PPOConfig, rollout_for, run_iteration, setup, train
 
 PREFIXES = [
     "The movie",
@@ -69,15 +69,18 @@ def config(workdir: Path, model: Path, output: str, **overrides) -> PPOConfig:
     return PPOConfig(**{**settings, **overrides})
 
 
-def test_first_minibatch_ratio_is_exactly_one_and_sampled_logprobs_match(on_path, tiny_model_dir):
-    """Before the first optimiser step the policy is the one that sampled, and the old pass used the
-    very same micro-batches: ratio exactly 1, approx_kl and clipfrac exactly 0. Later minibatches move.
-    The sampler's own log-probs equal the old pass's to 1e-4 (a KV-cached loop vs one forward)."""
-    cfg = config(on_path, tiny_model_dir, "ratio", iterations=1, ppo_epochs=2, minibatches=2, temperature=0.8)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_first_minibatch_ratio_is_one_and_sampled_logprobs_match(on_path, tiny_model_dir, recompute):
+    """Before the first optimiser step the policy is the one that sampled. With --recompute-logprobs the
+    old pass used the very same micro-batches as the first update: ratio exactly 1, approx_kl and
+    clipfrac exactly 0. By default the old log-probs are the sampler's (a KV-cached loop): the same to
+    float rounding. Later minibatches move. And the sampler's log-probs equal a fresh forward's to 1e-4."""
+    cfg = config(
+        on_path, tiny_model_dir, f"ratio{recompute}", iterations=1, ppo_epochs=2, minibatches=2,
+        temperature=0.8, recompute_logprobs=recompute,
+    )  # fmt: skip
     run = setup(cfg)
     ids, texts = run.prompts
-    from prefalign.train.ppo import rollout_for
-
     rollout, _ = rollout_for(run, ids[:8], texts[:8], seed=3)
     plans = [m for rows in online.minibatch_plan(8, 2, 0, 0, 0) for m in online.micro_plan(rollout, rows, 64)]
     online.old_pass(run.unwrapped, rollout, plans, torch.device("cpu"), cfg.temperature)
@@ -85,11 +88,30 @@ def test_first_minibatch_ratio_is_exactly_one_and_sampled_logprobs_match(on_path
 
     run_iteration(run, 0)
     first = run.minibatch_stats[0]
-    assert first["policy/ratio_mean"] == 1.0
-    assert first["policy/approx_kl"] == 0.0
+    if recompute:
+        assert first["policy/ratio_mean"] == 1.0
+        assert first["policy/approx_kl"] == 0.0
+    else:
+        assert first["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert first["policy/approx_kl"] < 1e-10
     assert first["policy/clipfrac"] == 0.0
     assert len(run.minibatch_stats) == 4
-    assert any(s["policy/approx_kl"] > 0 for s in run.minibatch_stats[1:])
+    assert any(s["policy/approx_kl"] > 1e-6 for s in run.minibatch_stats[1:])
+
+
+def test_sampler_values_equal_a_fresh_pass(on_path, tiny_model_dir):
+    """The trunk head's values read from the sampler's hidden states equal those of a fresh forward."""
+    cfg = config(on_path, tiny_model_dir, "values", iterations=1)
+    run = setup(cfg)
+    with torch.no_grad():
+        run.unwrapped.value_head.weight.normal_()
+    ids, texts = run.prompts
+    rollout, _ = rollout_for(run, ids[:8], texts[:8], seed=1, for_update=True)
+    online.sampler_pass(run.unwrapped, rollout, [list(range(8))], torch.device("cpu"))
+    cheap = rollout.values.clone()
+    online.old_pass(run.unwrapped, rollout, [list(range(8))], torch.device("cpu"), cfg.temperature)
+    torch.testing.assert_close(cheap, rollout.values, atol=1e-4, rtol=0)
+    assert cheap.abs().sum() > 0
 
 
 def test_a_synthetic_reward_rises_while_kl_stays_bounded(on_path, tiny_model_dir):

@@ -253,3 +253,24 @@ def test_sampler_draws_in_proportion_to_probs():
     draws = _sample(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=3).float() / len(draws)
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.7]), atol=0.01, rtol=0)
+
+
+def test_returned_hidden_states_and_entropy_match_a_fresh_forward(tiny_model, tokenizer, prompts):
+    """With return_hidden, each response position carries the output layer's input there: the output
+    layer applied to it gives the logits of a fresh forward (so a value head on the trunk needs no extra
+    pass), and the entropy equals that of softmax(logits / T). Zeros off the response mask."""
+    from prefalign.losses import entropy_from_logits
+
+    out = generate(
+        tiny_model, tokenizer, prompts, max_new_tokens=8, temperature=0.9, seed=2, return_hidden=True
+    )
+    assert out.hidden.shape == (*out.response_ids.shape, tiny_model.config.hidden_size)
+    fresh = response_logits(tiny_model, out, temperature=0.9)
+    mask = out.response_mask.bool()
+    with torch.no_grad():
+        again = tiny_model.get_output_embeddings()(out.hidden).float() / 0.9
+    torch.testing.assert_close(again[mask], fresh[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.entropy[mask], entropy_from_logits(fresh)[mask], atol=1e-4, rtol=0)
+    assert torch.all(out.hidden[~mask] == 0) and torch.all(out.entropy[~mask] == 0)
+    plain = generate(tiny_model, tokenizer, prompts, max_new_tokens=8, temperature=0.9, seed=2)
+    assert torch.equal(plain.response_ids, out.response_ids) and plain.hidden is None

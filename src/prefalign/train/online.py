@@ -71,6 +71,10 @@ class OnlineConfig:
     """Per-token KL estimator in the reward: k1 (log-ratio), k2 or k3."""
     ppo_epochs: int = 4
     """Passes over each iteration's samples."""
+    recompute_logprobs: bool = False
+    """Score the samples again in a fresh forward for the old log-probs (and a trunk head's values) instead
+    of keeping the sampler's: one policy pass more per iteration; the first minibatch's ratio is then 1
+    to the bit instead of to float rounding (~1e-6)."""
     minibatches: int = 1
     """Shuffled minibatches per pass; one optimiser step each."""
     lr: float = 3e-6
@@ -216,7 +220,12 @@ class Rollout:
 
 
 def sample(
-    policy: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], config: OnlineConfig, seed: int
+    policy: nn.Module,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    config: OnlineConfig,
+    seed: int,
+    return_hidden: bool = False,
 ) -> GenerationOutput:
     """Responses of ``policy`` to ``prompt_ids`` at the config's temperature (no top-k/top-p)."""
     return generate(
@@ -228,6 +237,7 @@ def sample(
         seed=seed,
         batch_size=config.generation_batch,
         progress=False,
+        return_hidden=return_hidden,
     )
 
 
@@ -383,6 +393,26 @@ def old_pass(
             rollout.entropy[rows, :w] = (entropy_from_logits(logits) * micro.mask).cpu()
             if values is not None:
                 rollout.values[rows, :w] = (values * micro.mask).cpu()
+
+
+def sampler_pass(module: nn.Module, rollout: Rollout, plans: list[list[int]], device: torch.device) -> None:
+    """The cheap alternative to :func:`old_pass`: the sampler's log-probs and entropies are the old
+    policy's already, a trunk value head reads the sampler's hidden states, and only a separate critic
+    runs its own forward (in ``plans``' micro-batches)."""
+    out = rollout.out
+    rollout.logprobs = out.logprobs.cpu()
+    rollout.entropy = out.entropy.cpu()
+    with torch.no_grad():
+        if module.value_head is not None:
+            rollout.values = (module.value_head(out.hidden).squeeze(-1).float() * out.response_mask).cpu()
+            return
+        from prefalign.models import token_scores
+
+        rollout.values = torch.zeros(out.response_ids.shape)
+        for rows in plans:
+            micro = make_micro(rollout, rows, device)
+            values = token_scores(module.value_model, micro.input_ids, micro.attention_mask)
+            rollout.values[rows, : micro.width] = (values[:, -(micro.width + 1) : -1] * micro.mask).cpu()
 
 
 def global_sum(accelerator: Any, *values: float) -> list[float]:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from prefalign.config import ConfigError, add_config_arguments, config_from_args, config_to_dict, save_config
 from prefalign.kl import AdaptiveKLController, FixedKLController
 from prefalign.losses import KL_ESTIMATORS, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_logps
+from prefalign.memory import use_memory_efficient_layers
 from prefalign.train import online
 from prefalign.train.loop import (
     MetricsWriter,
@@ -214,12 +215,13 @@ def update(
 
 
 def rollout_for(
-    run: PPORun, prompt_ids: list[list[int]], texts: list[str], seed: int
+    run: PPORun, prompt_ids: list[list[int]], texts: list[str], seed: int, for_update: bool = False
 ) -> tuple[online.Rollout, dict[str, float]]:
     """Sample, score and re-score under the reference; returns the rollout and the phase timings."""
     config = run.config
     t0 = time.perf_counter()
-    out = online.sample(run.unwrapped.policy, run.tokenizer, prompt_ids, config, seed)
+    keep = for_update and not config.recompute_logprobs
+    out = online.sample(run.unwrapped.policy, run.tokenizer, prompt_ids, config, seed, return_hidden=keep)
     t1 = time.perf_counter()
     scores, raw = online.score(run.source, texts, out, config.missing_eos_penalty)
     t2 = time.perf_counter()
@@ -240,15 +242,19 @@ def run_iteration(run: PPORun, it: int) -> dict[str, float]:
     chosen = online.iteration_prompts(len(ids), config.rollout_batch, config.seed, it)
     mine = chosen[acc.process_index :: acc.num_processes]
     seed = (config.seed * 1_000_003 + it) * 64 + acc.process_index
-    rollout, timing = rollout_for(run, [ids[i] for i in mine], [texts[i] for i in mine], seed)
+    rollout, timing = rollout_for(
+        run, [ids[i] for i in mine], [texts[i] for i in mine], seed, for_update=True
+    )
     t0 = time.perf_counter()
     first = [
         online.micro_plan(rollout, rows, config.micro_batch_tokens)
         for rows in online.minibatch_plan(len(rollout), config.minibatches, config.seed, it, 0)
     ]
-    online.old_pass(
-        run.unwrapped, rollout, [m for plan in first for m in plan], acc.device, config.temperature
-    )
+    flat = [m for plan in first for m in plan]
+    if config.recompute_logprobs:
+        online.old_pass(run.unwrapped, rollout, flat, acc.device, config.temperature)
+    else:
+        online.sampler_pass(run.unwrapped, rollout, flat, acc.device)
     timing["time/forward"] += time.perf_counter() - t0
     kl_coef = run.kl_ctl.value
     advantages, returns, kl = ppo_advantages(rollout, kl_coef, config, acc)
@@ -331,6 +337,7 @@ def load_models(
         critic = load_value_model(config.value_model or config.reward_model or config.model, **kwargs)
     reference = load_reference(config.ref_model or config.model, **kwargs)
     module = online.PolicyWithValue(policy, critic).to(device)
+    use_memory_efficient_layers(module)
     return module, reference.to(device)
 
 
