@@ -128,7 +128,8 @@ assert np.isclose(v[idx["C3"]], rhs)
 # $\gamma$-contraction in the max norm, so $\lVert v_k - v\rVert_\infty \le \gamma^k \lVert v_0 - v \rVert_\infty$:
 # the error falls at least geometrically. At $\gamma = 1$ it still converges here, because every
 # state eventually reaches Sleep, but more slowly (the rate is set by the largest eigenvalue of
-# $\mathcal P$ restricted to the non-terminal states; FB's self-loop of 0.9 dominates it).
+# $\mathcal P$ restricted to the non-terminal states, 0.956 here: FB's self-loop of 0.9 and its way back
+# through C1 keep episodes going for a long time).
 
 # %%
 errors: dict[float, list[float]] = {}

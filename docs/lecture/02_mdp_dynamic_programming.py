@@ -121,6 +121,8 @@ pi_star = policy_iteration(grid)
 vi = value_iteration(grid)
 print("policy iteration: iterations =", pi_star.iterations, " v* =\n", pi_star.v.reshape(4, 4))
 assert np.allclose(grid.evaluate(grid.greedy(sweeps["inf"])), pi_star.v)
+assert np.allclose(grid.evaluate(grid.greedy(sweeps[3])), pi_star.v)  # already optimal after 3 sweeps
+assert not np.allclose(grid.evaluate(grid.greedy(sweeps[2])), pi_star.v)  # but not after 2
 assert np.allclose(
     pi_star.v.reshape(4, 4), [[0, -1, -2, -3], [-1, -2, -3, -2], [-2, -3, -2, -1], [-3, -2, -1, 0]]
 )
