@@ -204,14 +204,6 @@ def _forward_kwargs(model: Any) -> tuple[str, bool]:
     return cache_kw, "logits_to_keep" in params
 
 
-def _cache_of(out: Any) -> Any:
-    for key in ("cache", "past_key_values"):
-        value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
-        if value is not None:
-            return value
-    raise RuntimeError(f"{type(out).__name__} returned no KV cache although use_cache=True")
-
-
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -249,6 +241,7 @@ def _generate_batch(
     sample: dict[str, Any] | None,
     generator: torch.Generator | None,
     return_hidden: bool = False,
+    lean: bool = True,
 ) -> tuple[Tensor, ...]:
     """One batch of the sampling loop. ``sample=None`` means greedy; else warp settings.
 
@@ -258,7 +251,7 @@ def _generate_batch(
     """
     tap = _HiddenTap(model) if return_hidden else None
     try:
-        return _decode(model, prompts, pad_id, stops, max_new_tokens, sample, generator, tap)
+        return _decode(model, prompts, pad_id, stops, max_new_tokens, sample, generator, tap, lean)
     finally:
         if tap is not None:
             tap.handle.remove()
@@ -273,20 +266,16 @@ def _decode(
     sample: dict[str, Any] | None,
     generator: torch.Generator | None,
     tap: _HiddenTap | None,
+    lean: bool = True,
 ) -> tuple[Tensor, ...]:
+    from prefalign.decoding import make_stepper
+
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = _left_pad(prompts, pad_id, device)
-    cache_kw, keep_kw = _forward_kwargs(model)
-    extra = {"logits_to_keep": 1} if keep_kw else {}
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
-        use_cache=True,
-        **extra,
-    )
-    batch = len(prompts)
-    attention = prompt_mask
+    batch, width = prompt_ids.shape
+    key_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
+    stepper = make_stepper(model, key_mask, lean=lean)
+    logits = stepper.step(prompt_ids, position_ids_from_mask(prompt_mask))
     position = prompt_mask.sum(-1, keepdim=True)  # next position id of each row: its prompt length
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
@@ -295,7 +284,6 @@ def _decode(
     hidden: list[Tensor] = []
     entropy: list[Tensor] = []
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()
         if sample is None:
             token = logits.argmax(-1)
         else:
@@ -312,14 +300,7 @@ def _decode(
         done = done | torch.isin(token, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=attention,
-            position_ids=position,
-            use_cache=True,
-            **{cache_kw: _cache_of(out)},
-        )
+        logits = stepper.step(token[:, None], position)
         position = position + 1
     extra = (torch.stack(hidden, 1), torch.stack(entropy, 1)) if tap is not None else ()
     return (
@@ -399,6 +380,7 @@ def generate(
     stop_ids: Sequence[int] | None = None,
     progress: bool | None = None,
     return_hidden: bool = False,
+    lean: bool = True,
 ) -> GenerationOutput:
     """Sample responses to token-id prompts with a KV cache, in batches.
 
@@ -424,6 +406,8 @@ def generate(
         progress: show a progress bar over batches; None shows one when there are several batches.
         return_hidden: also return each response position's final hidden state and the sampling
             distribution's entropy (``hidden``, ``entropy``; for a critic on the policy's trunk).
+        lean: decode Llama-family models with :class:`prefalign.decoding.LeanStepper` (the same
+            numbers, faster); False, or any other architecture, uses the model's own forward.
 
     Returns:
         A :class:`GenerationOutput`. ``logprobs`` are under the distribution that sampled (the warped
@@ -457,7 +441,15 @@ def generate(
         with torch.no_grad():
             parts = [
                 _generate_batch(
-                    model, chunk, pad_id, stops.to(device), max_new_tokens, sample, generator, return_hidden
+                    model,
+                    chunk,
+                    pad_id,
+                    stops.to(device),
+                    max_new_tokens,
+                    sample,
+                    generator,
+                    return_hidden,
+                    lean,
                 )
                 for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not show)
             ]
