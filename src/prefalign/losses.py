@@ -433,3 +433,192 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Ten
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[kind](logprobs - ref_logprobs)
+
+
+# --------------------------------------------------------------------------------------------------
+# critic-free online methods: GRPO (Shao et al. 2024), RLOO (Ahmadian et al. 2024), DAPO (Yu et al.
+# 2025), Dr. GRPO (Liu et al. 2025)
+
+GROUP_SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _groups(rewards: Tensor, num_generations: int) -> Tensor:
+    if rewards.dim() != 1 or num_generations < 2 or rewards.numel() % num_generations:
+        raise ValueError(
+            f"rewards must be 1-D with a multiple of num_generations >= 2 entries, got shape "
+            f"{tuple(rewards.shape)} and num_generations {num_generations}"
+        )
+    return rewards.view(-1, num_generations)
+
+
+def group_advantages(
+    rewards: Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4
+) -> Tensor:
+    """GRPO's advantages (Shao et al. 2024): each reward against the others of its prompt's group.
+
+    ``A_i = (r_i - mean_group) / (std_group + eps)`` with the Bessel-corrected std (``scale="group"``);
+    ``scale="batch"`` divides by the Bessel-corrected std of all the batch's rewards instead (plus
+    ``eps``); ``scale="none"`` only centres (Dr. GRPO, Liu et al. 2025). A group whose rewards are all
+    equal has advantages 0 under every scale.
+
+    Args:
+        rewards: ``[P * G]`` in prompt-major order (the ``G`` samples of prompt 0, then of prompt 1, ...).
+        num_generations: ``G >= 2``.
+        scale: ``"group"``, ``"batch"`` or ``"none"``.
+
+    Returns:
+        ``[P * G]`` advantages.
+    """
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(GROUP_SCALES)}")
+    grouped = _groups(rewards, num_generations)
+    centred = (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)
+    if scale == "group":
+        return centred / (grouped.std(-1).repeat_interleave(num_generations) + eps)
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    return centred
+
+
+def rloo_advantages(rewards: Tensor, num_generations: int) -> Tensor:
+    """RLOO's leave-one-out advantages (Ahmadian et al. 2024; Kool et al. 2019):
+    ``A_i = r_i - (sum_{j != i} r_j) / (G - 1)``, the baseline of each sample being the mean reward of
+    the other samples of its prompt (so it does not depend on ``r_i``: unbiased).
+
+    Args:
+        rewards: ``[P * G]`` in prompt-major order.
+        num_generations: ``G >= 2``.
+
+    Returns:
+        ``[P * G]``; each group's advantages sum to 0.
+    """
+    grouped = _groups(rewards, num_generations)
+    others = (grouped.sum(-1, keepdim=True) - grouped) / (num_generations - 1)
+    return (grouped - others).reshape(-1)
+
+
+def clipped_surrogate(
+    log_ratio: Tensor, advantages: Tensor, epsilon: float = 0.2, epsilon_high: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate with separate lower and upper clip (DAPO's clip-higher, Yu et al. 2025),
+    elementwise and to be minimised: ``-min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon_high) A)``.
+
+    GRPO passes token log-ratios ``[B, T]`` with ``advantages[:, None]``; RLOO passes one summed
+    log-ratio per sequence ``[B]`` (a sequence-level ratio).
+
+    Args:
+        log_ratio: ``log pi_theta - log pi_old``, any shape.
+        advantages: broadcastable to ``log_ratio``.
+        epsilon: lower clip; ``epsilon_high`` the upper one (default: ``epsilon``).
+
+    Returns:
+        ``(loss, low, high)``: the elementwise loss, and 0/1 tensors marking where the clip acted at
+        the lower bound (ratio < 1 - epsilon with A < 0) and at the upper one (ratio > 1 + epsilon_high
+        with A > 0).
+    """
+    high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(log_ratio)
+    adv = advantages.expand_as(ratio)
+    loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - epsilon, 1.0 + high) * adv)
+    with torch.no_grad():
+        low_clip = ((ratio < 1.0 - epsilon) & (adv < 0)).float()
+        high_clip = ((ratio > 1.0 + high) & (adv > 0)).float()
+    return loss, low_clip, high_clip
+
+
+def grpo_token_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's per-token loss: the token-level clipped surrogate plus ``beta`` times the k3 estimate of
+    KL(pi || ref), ``exp(ref - logp) - (ref - logp) - 1`` (Shao et al. 2024, eq. 3-4).
+
+    Args:
+        logprobs: ``[B, T]`` of the sampled tokens under the policy being trained (with gradient).
+        old_logprobs: ``[B, T]`` under the policy that sampled.
+        advantages: ``[B]``, one per sequence, shared by its tokens.
+        ref_logprobs: ``[B, T]`` under the reference (needed when ``beta > 0``).
+
+    Returns:
+        ``(per_token_loss [B, T], stats)``: stats (detached, ``[B, T]``) ``kl`` (k3), ``low`` and ``high``
+        (where the clip acted), ``ratio``. Aggregate the loss with :func:`aggregate_loss`.
+    """
+    loss, low, high = clipped_surrogate(logprobs - old_logprobs, advantages[:, None], epsilon, epsilon_high)
+    kl = torch.zeros_like(loss)
+    if ref_logprobs is not None:
+        kl = KL_ESTIMATORS["k3"](logprobs - ref_logprobs)
+        if beta:
+            loss = loss + beta * kl
+    ratio = torch.exp(logprobs - old_logprobs).detach()
+    return loss, {"kl": kl.detach(), "low": low, "high": high, "ratio": ratio}
+
+
+def aggregate_loss(
+    per_token: Tensor, mask: Tensor, loss_type: str = "grpo", max_length: int | None = None,
+    num_tokens: float | None = None,
+) -> Tensor:  # fmt: skip
+    """Reduce a per-token loss ``[B, T]`` to a scalar, by GRPO-family convention.
+
+    - ``grpo``: the mean over sequences of each sequence's token mean (Shao et al. 2024; long responses
+      weigh less per token);
+    - ``bnpo``: the token sum over the batch's tokens (a token-level mean);
+    - ``dr_grpo``: the token sum over ``B * max_length`` (a constant: no length bias; Liu et al. 2025);
+    - ``dapo``: the token sum over ``num_tokens``, the tokens of the whole accumulated optimiser step on
+      every process (Yu et al. 2025); by default this batch's.
+
+    Args:
+        per_token: ``[B, T]``.
+        mask: ``[B, T]`` 0/1 response mask.
+        loss_type: one of :data:`LOSS_TYPES`.
+        max_length: the completion length cap (``dr_grpo``; default ``T``).
+        num_tokens: the step's token count (``dapo``).
+    """
+    mask = mask.to(per_token.dtype)
+    total = (per_token * mask).sum()
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return total / (per_token.shape[0] * (max_length or per_token.shape[1]))
+    if loss_type == "dapo":
+        return total / max(float(mask.sum() if num_tokens is None else num_tokens), 1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+
+
+def rloo_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """RLOO's KL-regularised sequence reward (Ahmadian et al. 2024): ``score - beta * sum_t k1_t`` with
+    ``k1_t = log pi(y_t) - log ref(y_t)`` over the response tokens (the KL in the reward, not the loss).
+
+    Args:
+        scores: ``[B]``; logprobs, ref_logprobs, mask: ``[B, T]``.
+    """
+    return scores - beta * ((logprobs - ref_logprobs) * mask).sum(-1)
+
+
+def rloo_sequence_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """RLOO's per-sequence loss: the clipped surrogate on the sequence-level ratio
+    ``exp(sum_t (logp_t - old_t))`` (one importance weight per response, REINFORCE-style).
+
+    Args:
+        logprobs, old_logprobs, mask: ``[B, T]``; advantages: ``[B]``.
+
+    Returns:
+        ``(loss [B], stats)`` with ``low``, ``high`` and ``ratio`` per sequence (detached).
+    """
+    log_ratio = ((logprobs - old_logprobs) * mask).sum(-1)
+    loss, low, high = clipped_surrogate(log_ratio, advantages, epsilon, epsilon_high)
+    return loss, {"low": low, "high": high, "ratio": torch.exp(log_ratio).detach()}
