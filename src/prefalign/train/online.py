@@ -18,8 +18,9 @@ copies them.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -117,8 +118,10 @@ class OnlineConfig:
     """Allow model repositories to run their own Python code."""
 
     def __post_init__(self) -> None:
+        problem = self.reward_problem()
+        if problem:
+            raise ConfigError(problem)
         checks = [
-            ((self.reward is None) != (self.reward_model is None), "give exactly one of --reward-model PATH or --reward sentiment|module:function"),
             (self.iterations is None or self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
             (self.epochs is None or 0 < self.epochs < math.inf, f"epochs must be > 0 and finite, got {self.epochs}"),
             (self.rollout_batch >= 1, f"rollout_batch must be >= 1, got {self.rollout_batch}"),
@@ -145,6 +148,12 @@ class OnlineConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def reward_problem(self) -> str | None:
+        """What is wrong with the reward options, if anything (methods that combine sources override)."""
+        if (self.reward is None) == (self.reward_model is None):
+            return "give exactly one of --reward-model PATH or --reward sentiment|module:function"
+        return None
 
     def total_iterations(self, n_prompts: int) -> int:
         if self.iterations is not None:
@@ -331,7 +340,31 @@ def make_micro(rollout: Rollout, rows: list[int], device: torch.device) -> Micro
     )
 
 
-class PolicyWithValue(nn.Module):
+class PolicyLogits(nn.Module):
+    """The policy as a module whose forward takes a :class:`Micro` (what the critic-free methods train)."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head: nn.Linear | None = None
+
+    def hidden(self, micro: Micro) -> Tensor:
+        """The output layer's inputs ``[b, R', H]`` at the positions that predict each response token."""
+        positions = position_ids_from_mask(micro.attention_mask)
+        trunk = self.policy.get_decoder()
+        hidden = trunk(
+            input_ids=micro.input_ids, attention_mask=micro.attention_mask, position_ids=positions
+        ).last_hidden_state
+        return hidden[:, -(micro.width + 1) : -1]
+
+    def forward(
+        self, micro: Micro, temperature: float, with_values: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token; no values."""
+        return self.policy.get_output_embeddings()(self.hidden(micro)).float() / temperature, None
+
+
+class PolicyWithValue(PolicyLogits):
     """The policy and its critic as one module (one optimiser, one DDP wrapper).
 
     The critic is either a separate sequence classifier (its own transformer; values from its scalar
@@ -340,10 +373,8 @@ class PolicyWithValue(nn.Module):
     """
 
     def __init__(self, policy: nn.Module, value_model: nn.Module | None = None) -> None:
-        super().__init__()
-        self.policy = policy
+        super().__init__(policy)
         self.value_model = value_model
-        self.value_head: nn.Linear | None = None
         if value_model is None:
             hidden = policy.get_output_embeddings().weight.shape[1]
             self.value_head = nn.Linear(hidden, 1).to(policy.get_output_embeddings().weight.dtype)
@@ -355,12 +386,7 @@ class PolicyWithValue(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token, and the
         values ``[b, R']`` of the states they are predicted from."""
-        positions = position_ids_from_mask(micro.attention_mask)
-        trunk = self.policy.get_decoder()
-        hidden = trunk(
-            input_ids=micro.input_ids, attention_mask=micro.attention_mask, position_ids=positions
-        ).last_hidden_state
-        hidden = hidden[:, -(micro.width + 1) : -1]
+        hidden = self.hidden(micro)
         logits = self.policy.get_output_embeddings()(hidden).float() / temperature
         values = None
         if with_values and self.value_head is not None:
@@ -432,3 +458,276 @@ def global_whiten(accelerator: Any, x: Tensor, mask: Tensor, shift_mean: bool = 
     var = (ss - n * mean * mean) / max(n - 1.0, 1.0)
     out = (x - mean) * (1.0 / math.sqrt(max(var, 0.0) + 1e-8))
     return (out if shift_mean else out + mean) * mask
+
+
+# --------------------------------------------------------------------------------------------------
+# the run: what every online method holds between iterations, and the outer loop
+
+
+@dataclass
+class OnlineRun:
+    """Everything one online run holds between iterations. A method subclasses it and fills in
+    :meth:`run_iteration` (and, if it keeps more state, the checkpoint hooks)."""
+
+    config: OnlineConfig
+    accelerator: Any
+    module: nn.Module
+    reference: nn.Module
+    source: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    prompts: tuple[list[list[int]], list[str]]
+    eval_prompts: tuple[list[list[int]], list[str]]
+    iterations: int
+    state: dict[str, Any] = field(default_factory=lambda: {"step": 0})
+    minibatch_stats: list[dict[str, float]] = field(default_factory=list)
+
+    name = "online"
+    """The command's name (progress bar)."""
+    shown: ClassVar[tuple[str, ...]] = ("objective/scores", "objective/kl")
+    """Metrics shown next to the progress bar."""
+
+    @property
+    def unwrapped(self) -> PolicyLogits:
+        return self.accelerator.unwrap_model(self.module)
+
+    def run_iteration(self, it: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Modules saved in checkpoints beside the policy."""
+        return {}
+
+    def before_checkpoint(self) -> None:
+        """Copy state that lives outside ``state`` into it."""
+
+    def after_resume(self) -> None:
+        """Restore state that lives outside ``state`` from it."""
+
+    def save_extra(self, output: Any) -> None:
+        """Save what the final folder holds beside the policy."""
+
+
+def prepare(config: OnlineConfig, tokenizer: Any = None) -> tuple[Any, Any, tuple, tuple]:
+    """Seed, make the accelerator and the tokenizer, load and encode the training and held-out prompts:
+    ``(accelerator, tokenizer, (ids, texts), (eval_ids, eval_texts))``."""
+    from prefalign.data import load_prompts
+    from prefalign.models import load_tokenizer
+    from prefalign.train.loop import make_accelerator, seed_everything, split_rows
+
+    seed_everything(config.seed)
+    acc = make_accelerator()
+    if config.rollout_batch % acc.num_processes:
+        raise ConfigError(
+            f"rollout_batch {config.rollout_batch} must divide over {acc.num_processes} processes"
+        )
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+    rows, held = split_rows(
+        load_prompts(config.prompts),
+        load_prompts(config.eval_prompts) if config.eval_prompts else [],
+        config.eval_split,
+        config.seed,
+    )
+    encode = lambda r: (encode_prompts(tokenizer, r, config), prompt_texts(tokenizer, r))  # noqa: E731
+    return acc, tokenizer, encode(rows), encode(held)
+
+
+def rollout_for(
+    run: OnlineRun, prompt_ids: list[list[int]], texts: list[str], seed: int, for_update: bool = False
+) -> tuple[Rollout, dict[str, float]]:
+    """Sample, score and re-score under the reference; returns the rollout and the phase timings.
+    ``for_update`` keeps the sampler's hidden states and entropies (unless --recompute-logprobs)."""
+    import time
+
+    config = run.config
+    t0 = time.perf_counter()
+    keep = for_update and not config.recompute_logprobs
+    out = sample(run.unwrapped.policy, run.tokenizer, prompt_ids, config, seed, return_hidden=keep)
+    t1 = time.perf_counter()
+    scores, raw = score(run.source, texts, out, config.missing_eos_penalty)
+    t2 = time.perf_counter()
+    rollout = Rollout(out, scores, raw)
+    rollout.ref_logprobs = reference_logprobs(run.reference, out, config).cpu()
+    return rollout, {
+        "time/generate": t1 - t0,
+        "time/score": t2 - t1,
+        "time/forward": time.perf_counter() - t2,
+    }
+
+
+def evaluate(run: OnlineRun) -> dict[str, float]:
+    """Mean score and sequence KL to the reference on the held-out prompts (fixed sampling seed)."""
+    ids, texts = run.eval_prompts
+    acc = run.accelerator
+    mine = list(range(acc.process_index, len(ids), acc.num_processes))
+    if not ids:
+        return {}
+    seed = run.config.seed + 10**9 + acc.process_index
+    rollout, _ = rollout_for(run, [ids[i] for i in mine], [texts[i] for i in mine], seed)
+    kl = ((rollout.out.logprobs - rollout.ref_logprobs) * rollout.mask).sum(-1)
+    n, s, k = global_sum(acc, float(len(rollout)), float(rollout.raw_scores.sum()), float(kl.sum()))
+    return {"eval/scores": s / n, "eval/kl": k / n}
+
+
+def optimizer_step(
+    run: OnlineRun, micros: list[list[int]], micro_loss: Any, scale: float, norm: float
+) -> dict[str, float]:
+    """One optimiser step over one minibatch split into micro-batches (gradients synchronised once).
+
+    Args:
+        micros: the minibatch's rows, micro-batch by micro-batch.
+        micro_loss: ``micro_loss(rows) -> (loss, sums)``: a summed loss and summed statistics.
+        scale: what each micro-batch's loss is multiplied by before backward (``1 / normaliser``, times
+            the process count where the normaliser spans every process, as DDP averages gradients).
+        norm: the statistics' sums over every process are divided by this.
+
+    Returns:
+        The normalised statistics and ``policy/grad_norm``.
+    """
+    acc = run.accelerator
+    sums: dict[str, Tensor] = {}
+    for j, rows in enumerate(micros):
+        sync = nullcontext() if j == len(micros) - 1 else acc.no_sync(run.module)
+        with sync:
+            loss, stats = micro_loss(rows)
+            acc.backward(loss * scale)
+        sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+    params = [p for p in run.module.parameters() if p.grad is not None]
+    grad_norm = acc.clip_grad_norm_(params, run.config.max_grad_norm) if run.config.max_grad_norm else None
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    totals = global_sum(acc, *(float(v) for v in sums.values()))
+    row = {k: v / max(norm, 1.0) for k, v in zip(sums, totals, strict=True)}
+    row["policy/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+    return row
+
+
+def checkpoint(run: OnlineRun) -> None:
+    from pathlib import Path
+
+    from prefalign.train.loop import prune_checkpoints, save_checkpoint
+
+    output = Path(run.config.output)
+    run.before_checkpoint()
+    if run.accelerator.is_main_process:
+        save_checkpoint(
+            output / "checkpoints" / f"step-{run.state['step']}",
+            run.unwrapped.policy,
+            run.optimizer,
+            run.scheduler,
+            run.state,
+            run.tokenizer,
+            run.config,
+            extra=run.extra_modules(),
+        )
+        prune_checkpoints(output, max(1, run.config.keep_checkpoints))
+
+
+def resume(run: OnlineRun) -> bool:
+    """Load the latest checkpoint under --resume; False when starting from scratch."""
+    import logging
+    from pathlib import Path
+
+    from prefalign.train.loop import latest_checkpoint, load_checkpoint
+
+    log = logging.getLogger(__name__)
+    ckpt = latest_checkpoint(Path(run.config.output)) if run.config.resume else None
+    if run.config.resume and ckpt is None:
+        log.info("--resume: no checkpoint in %s, starting from scratch", run.config.output)
+    if ckpt is None:
+        return False
+    extra = run.extra_modules()
+    run.state = load_checkpoint(ckpt, run.unwrapped.policy, run.optimizer, run.scheduler, extra=extra)
+    run.after_resume()
+    log.info("resumed from %s (iteration %d)", ckpt, run.state["step"])
+    return True
+
+
+def train_run(run: OnlineRun, callback: Any = None) -> dict[str, Any]:
+    """The outer loop of every online method: resume, iterate (metrics, evaluation, checkpoints, the
+    callback, a progress bar), evaluate at the end, save the final policy and ``summary.json``."""
+    import json
+    import time
+    from pathlib import Path
+
+    from prefalign.config import config_to_dict, save_config
+    from prefalign.train.loop import MetricsWriter, save_final_model
+
+    start = time.perf_counter()
+    config = run.config
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    main = run.accelerator.is_main_process
+    if main:
+        save_config(config, output / "config.yaml")
+    resumed = resume(run)
+    writer = MetricsWriter(
+        output, config.report_to, config=config_to_dict(config), append=resumed, enabled=main
+    )
+    last = _iterate(run, writer, callback)
+    final_eval = evaluate(run)
+    if final_eval:
+        writer.write(run.state["step"], final_eval)
+    writer.close()
+    if config.save_every == 0 or run.state["step"] % config.save_every:
+        checkpoint(run)
+    summary = {
+        "steps": run.state["step"],
+        "train_prompts": len(run.prompts[0]),
+        "eval_prompts": len(run.eval_prompts[0]),
+        "final": last,
+        "eval": final_eval,
+        "wall_s": round(time.perf_counter() - start, 3),
+        "settings": config_to_dict(config),
+    }
+    if main:
+        save_final_model(run.unwrapped.policy, run.tokenizer, output)
+        run.save_extra(output)
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _iterate(run: OnlineRun, writer: Any, callback: Any) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    config = run.config
+    bar = tqdm(
+        total=run.iterations,
+        initial=run.state["step"],
+        desc=run.name,
+        unit="it",
+        disable=not config.progress,
+        dynamic_ncols=True,
+    )
+    metrics: dict[str, float] = {}
+    while run.state["step"] < run.iterations:
+        metrics = run.run_iteration(run.state["step"])
+        run.state["step"] += 1
+        step = run.state["step"]
+        is_last = step == run.iterations
+        if config.eval_every and step % config.eval_every == 0 and not is_last:
+            metrics.update(evaluate(run))
+        writer.write(step, metrics)
+        if callback is not None and ((config.eval_every and step % config.eval_every == 0) or is_last):
+            callback(step, run.unwrapped.policy)
+        if config.save_every and step % config.save_every == 0:
+            checkpoint(run)
+        bar.set_postfix(
+            {k.split("/")[-1]: f"{metrics[k]:.3g}" for k in run.shown if k in metrics}, refresh=False
+        )
+        bar.update(1)
+    bar.close()
+    return metrics
+
+
+def print_summary(summary: dict[str, Any], output: str, keys: tuple[str, ...]) -> None:
+    """The two lines a command prints when it finishes (main process only)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    final = {**summary["final"], **summary["eval"]}
+    print(f"done: {summary['steps']} iterations in {summary['wall_s']:.1f} s; policy saved to {output}")
+    print("  " + "  ".join(f"{k}={final[k]:.4g}" for k in keys if k in final))

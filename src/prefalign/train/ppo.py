@@ -17,35 +17,23 @@ of RLHF with PPO": token-level means, no bootstrapping past EOS, log-probs under
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from prefalign.config import ConfigError, add_config_arguments, config_from_args, config_to_dict, save_config
+from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.kl import AdaptiveKLController, FixedKLController
 from prefalign.losses import KL_ESTIMATORS, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_logps
 from prefalign.memory import use_memory_efficient_layers
 from prefalign.train import online
 from prefalign.train.loop import (
-    MetricsWriter,
-    latest_checkpoint,
-    load_checkpoint,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
-    prune_checkpoints,
-    save_checkpoint,
-    save_final_model,
-    seed_everything,
-    split_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -126,10 +114,12 @@ def ppo_advantages(
 
 
 def micro_loss(
-    module: nn.Module, micro: online.Micro, batch: dict[str, Tensor], config: PPOConfig
+    run: PPORun, rollout: online.Rollout, rows: list[int], batch: dict[str, Tensor]
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Summed (not averaged) policy + value loss of one micro-batch, and summed statistics."""
-    logits, values = module(micro, config.temperature)
+    config = run.config
+    micro = online.make_micro(rollout, rows, run.accelerator.device)
+    logits, values = run.module(micro, config.temperature)
     take = {k: micro.take(v).to(logits.device) for k, v in batch.items()}
     mask = micro.mask
     n = mask.sum()
@@ -154,27 +144,44 @@ def micro_loss(
 
 
 @dataclass
-class PPORun:
-    """Everything one PPO run holds between iterations."""
+class PPORun(online.OnlineRun):
+    """Everything one PPO run holds between iterations: the shared run plus the KL controller."""
 
-    config: PPOConfig
-    accelerator: Any
-    module: nn.Module
-    reference: nn.Module
-    source: Any
-    tokenizer: Any
-    optimizer: Any
-    scheduler: Any
-    kl_ctl: Any
-    prompts: tuple[list[list[int]], list[str]]
-    eval_prompts: tuple[list[list[int]], list[str]]
-    iterations: int
-    state: dict[str, Any] = field(default_factory=lambda: {"step": 0})
-    minibatch_stats: list[dict[str, float]] = field(default_factory=list)
+    kl_ctl: Any = None
 
-    @property
-    def unwrapped(self) -> online.PolicyWithValue:
-        return self.accelerator.unwrap_model(self.module)
+    name = "ppo"
+    shown = ("objective/scores", "objective/kl", "kl_coef")
+
+    def run_iteration(self, it: int) -> dict[str, float]:
+        return run_iteration(self, it)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        unwrapped = self.unwrapped
+        if unwrapped.value_model is not None:
+            return {"value_model": unwrapped.value_model}
+        return {"value_head": unwrapped.value_head}
+
+    def before_checkpoint(self) -> None:
+        self.state["kl_coef"] = self.kl_ctl.value
+
+    def after_resume(self) -> None:
+        self.kl_ctl.value = float(self.state["kl_coef"])
+
+    def save_extra(self, output: Path) -> None:
+        from safetensors.torch import save_file
+
+        unwrapped = self.unwrapped
+        if unwrapped.value_model is not None:
+            unwrapped.value_model.save_pretrained(str(output / "value_model"), safe_serialization=True)
+        else:
+            save_file(
+                {k: v.contiguous() for k, v in unwrapped.value_head.state_dict().items()},
+                str(output / "value_head.safetensors"),
+            )
+
+
+rollout_for = online.rollout_for
+evaluate = online.evaluate
 
 
 def update(
@@ -192,46 +199,14 @@ def update(
         for micros in plans:
             local = float(sum(rollout.mask[rows].sum() for rows in micros))
             (tokens,) = online.global_sum(acc, local)
-            sums: dict[str, Tensor] = {}
-            for j, rows in enumerate(micros):
-                sync = nullcontext() if j == len(micros) - 1 else acc.no_sync(run.module)
-                with sync:
-                    loss, stats = micro_loss(
-                        run.module, online.make_micro(rollout, rows, acc.device), batch, config
-                    )
-                    acc.backward(loss * (acc.num_processes / max(tokens, 1.0)))
-                sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
-            params = [p for p in run.module.parameters() if p.grad is not None]
-            norm = acc.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            totals = online.global_sum(acc, *(float(v) for v in sums.values()))
-            row = {k: v / max(tokens, 1.0) for k, v in zip(sums, totals, strict=True)}
-            row["policy/grad_norm"] = float(norm) if norm is not None else 0.0
-            run.minibatch_stats.append(row)
+            scale = acc.num_processes / max(tokens, 1.0)
+            run.minibatch_stats.append(
+                online.optimizer_step(
+                    run, micros, lambda rows: micro_loss(run, rollout, rows, batch), scale, tokens
+                )
+            )
     keys = run.minibatch_stats[0].keys()
     return {k: sum(r[k] for r in run.minibatch_stats) / len(run.minibatch_stats) for k in keys}
-
-
-def rollout_for(
-    run: PPORun, prompt_ids: list[list[int]], texts: list[str], seed: int, for_update: bool = False
-) -> tuple[online.Rollout, dict[str, float]]:
-    """Sample, score and re-score under the reference; returns the rollout and the phase timings."""
-    config = run.config
-    t0 = time.perf_counter()
-    keep = for_update and not config.recompute_logprobs
-    out = online.sample(run.unwrapped.policy, run.tokenizer, prompt_ids, config, seed, return_hidden=keep)
-    t1 = time.perf_counter()
-    scores, raw = online.score(run.source, texts, out, config.missing_eos_penalty)
-    t2 = time.perf_counter()
-    rollout = online.Rollout(out, scores, raw)
-    rollout.ref_logprobs = online.reference_logprobs(run.reference, out, config).cpu()
-    return rollout, {
-        "time/generate": t1 - t0,
-        "time/score": t2 - t1,
-        "time/forward": time.perf_counter() - t2,
-    }
 
 
 def run_iteration(run: PPORun, it: int) -> dict[str, float]:
@@ -242,7 +217,7 @@ def run_iteration(run: PPORun, it: int) -> dict[str, float]:
     chosen = online.iteration_prompts(len(ids), config.rollout_batch, config.seed, it)
     mine = chosen[acc.process_index :: acc.num_processes]
     seed = (config.seed * 1_000_003 + it) * 64 + acc.process_index
-    rollout, timing = rollout_for(
+    rollout, timing = online.rollout_for(
         run, [ids[i] for i in mine], [texts[i] for i in mine], seed, for_update=True
     )
     t0 = time.perf_counter()
@@ -303,20 +278,6 @@ def rollout_metrics(run: PPORun, rollout: online.Rollout, kl: Tensor, kl_coef: f
     return {**out, "objective/entropy": entropy / max(tokens, 1.0), "kl_coef": kl_coef}
 
 
-def evaluate(run: PPORun) -> dict[str, float]:
-    """Mean score and sequence KL to the reference on the held-out prompts (fixed sampling seed)."""
-    ids, texts = run.eval_prompts
-    acc = run.accelerator
-    mine = list(range(acc.process_index, len(ids), acc.num_processes))
-    if not ids:
-        return {}
-    seed = run.config.seed + 10**9 + acc.process_index
-    rollout, _ = rollout_for(run, [ids[i] for i in mine], [texts[i] for i in mine], seed)
-    kl = ((rollout.out.logprobs - rollout.ref_logprobs) * rollout.mask).sum(-1)
-    n, s, k = online.global_sum(acc, float(len(rollout)), float(rollout.raw_scores.sum()), float(kl.sum()))
-    return {"eval/scores": s / n, "eval/kl": k / n}
-
-
 # --------------------------------------------------------------------------------------------------
 # setup and the outer loop
 
@@ -352,25 +313,10 @@ def make_source(config: PPOConfig, tokenizer: Any, device: Any) -> Any:
 
 def setup(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = None) -> PPORun:
     """Load prompts, models and the reward source; build the optimiser, schedule and KL controller."""
-    from prefalign.data import load_prompts
-    from prefalign.models import load_tokenizer
-
-    seed_everything(config.seed)
-    acc = make_accelerator()
-    if config.rollout_batch % acc.num_processes:
-        raise ConfigError(
-            f"rollout_batch {config.rollout_batch} must divide over {acc.num_processes} processes"
-        )
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-    rows, held = split_rows(
-        load_prompts(config.prompts),
-        load_prompts(config.eval_prompts) if config.eval_prompts else [],
-        config.eval_split,
-        config.seed,
-    )
+    acc, tokenizer, prompts, held = online.prepare(config, tokenizer)
     source = make_source(config, tokenizer, acc.device)
     module, reference = load_models(config, model, acc.device)
-    iterations = config.total_iterations(len(rows))
+    iterations = config.total_iterations(len(prompts[0]))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     scheduler = make_scheduler(optimizer, config, iterations * config.ppo_epochs * config.minibatches)
@@ -380,59 +326,11 @@ def setup(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
         if config.target_kl
         else FixedKLController(config.kl_coef)
     )
-    encode = lambda r: (online.encode_prompts(tokenizer, r, config), online.prompt_texts(tokenizer, r))  # noqa: E731
     return PPORun(
-        config,
-        acc,
-        module,
-        reference,
-        source,
-        tokenizer,
-        optimizer,
-        scheduler,
-        kl_ctl,
-        encode(rows),
-        encode(held),
-        iterations,
-    )
-
-
-def _extra(run: PPORun) -> dict[str, nn.Module]:
-    unwrapped = run.unwrapped
-    return (
-        {"value_model": unwrapped.value_model}
-        if unwrapped.value_model is not None
-        else {"value_head": unwrapped.value_head}
-    )
-
-
-def _checkpoint(run: PPORun) -> None:
-    output = Path(run.config.output)
-    run.state["kl_coef"] = run.kl_ctl.value
-    if run.accelerator.is_main_process:
-        save_checkpoint(
-            output / "checkpoints" / f"step-{run.state['step']}",
-            run.unwrapped.policy,
-            run.optimizer,
-            run.scheduler,
-            run.state,
-            run.tokenizer,
-            run.config,
-            extra=_extra(run),
-        )
-        prune_checkpoints(output, max(1, run.config.keep_checkpoints))
-
-
-def _resume(run: PPORun) -> bool:
-    ckpt = latest_checkpoint(Path(run.config.output)) if run.config.resume else None
-    if run.config.resume and ckpt is None:
-        log.info("--resume: no checkpoint in %s, starting from scratch", run.config.output)
-    if ckpt is None:
-        return False
-    run.state = load_checkpoint(ckpt, run.unwrapped.policy, run.optimizer, run.scheduler, extra=_extra(run))
-    run.kl_ctl.value = float(run.state["kl_coef"])
-    log.info("resumed from %s (iteration %d)", ckpt, run.state["step"])
-    return True
+        config=config, accelerator=acc, module=module, reference=reference, source=source,
+        tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, prompts=prompts,
+        eval_prompts=held, iterations=iterations, kl_ctl=kl_ctl,
+    )  # fmt: skip
 
 
 def train(
@@ -442,81 +340,7 @@ def train(
 
     ``callback(iteration, policy)`` runs every ``eval_every`` iterations and after the last one.
     """
-    start = time.perf_counter()
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    run = setup(config, model, tokenizer)
-    main = run.accelerator.is_main_process
-    if main:
-        save_config(config, output / "config.yaml")
-    resumed = _resume(run)
-    writer = MetricsWriter(
-        output, config.report_to, config=config_to_dict(config), append=resumed, enabled=main
-    )
-    last = _iterate(run, writer, callback)
-    final_eval = evaluate(run)
-    if final_eval:
-        writer.write(run.state["step"], final_eval)
-    writer.close()
-    if config.save_every == 0 or run.state["step"] % config.save_every:
-        _checkpoint(run)
-    summary = {
-        "steps": run.state["step"],
-        "train_prompts": len(run.prompts[0]),
-        "eval_prompts": len(run.eval_prompts[0]),
-        "final": last,
-        "eval": final_eval,
-        "wall_s": round(time.perf_counter() - start, 3),
-        "settings": config_to_dict(config),
-    }
-    if main:
-        _save_final(run, output)
-        (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _iterate(run: PPORun, writer: MetricsWriter, callback: Any) -> dict[str, float]:
-    config = run.config
-    bar = tqdm(
-        total=run.iterations,
-        initial=run.state["step"],
-        desc="ppo",
-        unit="it",
-        disable=not config.progress,
-        dynamic_ncols=True,
-    )
-    metrics: dict[str, float] = {}
-    while run.state["step"] < run.iterations:
-        metrics = run_iteration(run, run.state["step"])
-        run.state["step"] += 1
-        step = run.state["step"]
-        is_last = step == run.iterations
-        if config.eval_every and step % config.eval_every == 0 and not is_last:
-            metrics.update(evaluate(run))
-        writer.write(step, metrics)
-        if callback is not None and ((config.eval_every and step % config.eval_every == 0) or is_last):
-            callback(step, run.unwrapped.policy)
-        if config.save_every and step % config.save_every == 0:
-            _checkpoint(run)
-        shown = ("objective/scores", "objective/kl", "kl_coef")
-        bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in shown}, refresh=False)
-        bar.update(1)
-    bar.close()
-    return metrics
-
-
-def _save_final(run: PPORun, output: Path) -> None:
-    from safetensors.torch import save_file
-
-    unwrapped = run.unwrapped
-    save_final_model(unwrapped.policy, run.tokenizer, output)
-    if unwrapped.value_model is not None:
-        unwrapped.value_model.save_pretrained(str(output / "value_model"), safe_serialization=True)
-    else:
-        save_file(
-            {k: v.contiguous() for k, v in unwrapped.value_head.state_dict().items()},
-            str(output / "value_head.safetensors"),
-        )
+    return online.train_run(setup(config, model, tokenizer), callback)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,21 +349,9 @@ def _save_final(run: PPORun, output: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(PPOConfig, args)
-    summary = train(config)
-    if args_main():
-        final = {**summary["final"], **summary["eval"]}
-        keys = ("objective/scores", "objective/kl", "kl_coef", "eval/scores", "eval/kl")
-        print(
-            f"done: {summary['steps']} iterations in {summary['wall_s']:.1f} s; policy saved to {config.output}"
-        )
-        print("  " + "  ".join(f"{k}={final[k]:.4g}" for k in keys if k in final))
+    keys = ("objective/scores", "objective/kl", "kl_coef", "eval/scores", "eval/kl")
+    online.print_summary(train(config), config.output, keys)
     return 0
-
-
-def args_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def add_commands(subparsers: Any) -> None:
