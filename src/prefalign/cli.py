@@ -35,8 +35,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from prefalign.data import DataError
     from prefalign.models import ModelError
     from prefalign.rewards import RewardError
+    from prefalign.train.loop import DivergenceError
 
-    return (ConfigError, DataError, ModelError, RewardError, FileNotFoundError)
+    return (ConfigError, DataError, ModelError, RewardError, DivergenceError, FileNotFoundError)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, 
 from prefalign.packing import pack_pairs, packed_logps, pair_tokens
 from prefalign.train.loop import (
     TrainConfig,
+    check_run_folder,
     load_pairs,
     make_accelerator,
     micro_batches,
@@ -270,6 +271,7 @@ def train(
 
     seed_everything(config.seed)
     accelerator = make_accelerator()
+    check_run_folder(config)  # before any model is loaded
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     train_set, held = load_pairs(config, tokenizer)
     objective, eval_objective = build_objective(config, train_set, held, model, reference, accelerator.device)

@@ -1,23 +1,30 @@
-"""The one training loop, shared by every method (SFT, reward model, DPO; PPO reuses its parts).
+"""The training loop of the offline methods (SFT, reward model, DPO); PPO reuses its parts (optimiser,
+schedule, checkpoints, metrics) around its own sample-then-update iteration.
 
 A method supplies an :class:`Objective`: the trainable model and a function from a list of encoded
 examples to the *sum* of their losses plus per-example metric sums. The loop owns everything else:
 Accelerate, the optimiser and schedule, deterministic data order, gradient accumulation, micro-batching
-by a token budget (memory is bounded by the micro-batch, not the batch), gradient clipping,
-checkpoint/resume, metrics (JSON lines, optional TensorBoard/W&B), progress and ``summary.json``.
+by a token budget (memory is bounded by the micro-batch, not the batch), gradient clipping, run folders,
+checkpoint/resume, Ctrl-C, non-finite steps, metrics (JSON lines, optional TensorBoard/W&B), progress
+and ``summary.json``.
 
-Because objectives return sums over examples, splitting a step's examples into any number of chunks
-and micro-batches and scaling each by ``1 / examples_per_step`` gives exactly the gradient of the
-step's mean loss: batch 2 x 4 accumulation steps equals batch 8 x 1.
+Because objectives return sums over examples, splitting a step's ``n`` examples into any number of
+processes, chunks and micro-batches and scaling each loss sum by ``processes / n`` (DDP averages the
+processes' gradients) gives exactly the gradient of the step's mean loss: batch 2 x 4 accumulation steps
+equals batch 8 x 1, and 3 examples on 2 processes weigh 1/3 each.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
+import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -27,10 +34,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prefalign.config import ConfigError, save_config
+from prefalign.config import ConfigError, config_to_dict, save_config
 from prefalign.data import batches
 from prefalign.memory import release_freed_memory, use_memory_efficient_layers
 
@@ -38,6 +46,32 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULES = ("constant", "linear", "cosine")
+SINKS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""Metric sinks for --report-to, and the module each needs."""
+
+
+def check_output_path(output: str | Path) -> None:
+    """Refuse an --output that is a file or lies under one (before any model is loaded)."""
+    path = Path(output)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"lies under the file {folder}"
+                raise ConfigError(f"output {output} {where}; give a folder")
+            return
+
+
+def check_sinks(report_to: Sequence[str]) -> None:
+    """Refuse a --report-to sink whose package is not installed (before any model is loaded)."""
+    import importlib.util
+
+    for sink in report_to:
+        module = SINKS.get(sink, sink)
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"--report-to {sink} needs the package {module!r}, which is not installed: "
+                f"pip install 'prefalign[{sink}]'"
+            )
 
 
 @dataclass
@@ -98,12 +132,16 @@ class TrainConfig:
     """Write metrics every N optimiser steps."""
     eval_every: int = 0
     """Evaluate every N optimiser steps (0: only at the end)."""
-    save_every: int = 0
-    """Checkpoint every N optimiser steps (0: only at the end)."""
+    save_every: int = 100
+    """Checkpoint every N optimiser steps (0: no periodic ones); a checkpoint is always written after the last step."""
     keep_checkpoints: int = 2
-    """How many step checkpoints to keep (older ones are deleted)."""
+    """How many step checkpoints to keep, at least 1 (older ones are deleted)."""
     resume: bool = False
-    """Continue from the latest checkpoint in --output."""
+    """Continue the run in --output from its latest whole checkpoint (only the step budget may change)."""
+    overwrite: bool = False
+    """Replace the run already in --output (its checkpoints, metrics and summary are deleted)."""
+    skip_nonfinite: bool = False
+    """Skip an optimiser step whose loss or gradient is not finite (counted in the metrics) instead of stopping."""
     report_to: list[str] = field(default_factory=list)
     """Extra metric sinks besides metrics.jsonl: tensorboard, wandb (comma separated)."""
     progress: bool = True
@@ -112,30 +150,52 @@ class TrainConfig:
     """Allow model repositories to run their own Python code."""
 
     def __post_init__(self) -> None:
+        finite = math.isfinite
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.lr < math.inf, f"lr must be finite, got {self.lr}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (
                 self.lr_schedule in SCHEDULES,
                 f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}",
             ),
+            (0 <= self.weight_decay < math.inf, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.max_grad_norm < math.inf, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (
                 self.micro_batch_tokens >= 16,
                 f"micro_batch_tokens must be >= 16, got {self.micro_batch_tokens}",
             ),
-            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (0 < self.epochs < math.inf, f"epochs must be > 0 and finite, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
+            (
+                self.max_prompt_length is None or 1 <= self.max_prompt_length < self.max_length,
+                f"max_prompt_length must be >= 1 and < max_length ({self.max_length}), "
+                f"got {self.max_prompt_length}",
+            ),
             (0.0 <= self.eval_split < 1.0, f"eval_split must be in [0, 1), got {self.eval_split}"),
             (0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.lora_r >= 0, f"lora_r must be >= 0, got {self.lora_r}"),
-            (set(self.report_to) <= {"tensorboard", "wandb"}, f"report_to: unknown sink in {self.report_to}"),
+            (
+                finite(self.lora_alpha) and self.lora_alpha > 0,
+                f"lora_alpha must be > 0, got {self.lora_alpha}",
+            ),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
+            (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (not (self.resume and self.overwrite), "give at most one of --resume and --overwrite"),
+            (set(self.report_to) <= set(SINKS), f"report_to: unknown sink in {self.report_to}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_output_path(self.output)
 
     def lora_settings(self) -> Any:
         """The LoRA adapters these options ask for (a ``prefalign.models.LoraSettings``), or ``None``."""
@@ -398,6 +458,48 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+"""A finished checkpoint folder's name; anything else under ``checkpoints/`` (``step-7.tmp``) is ignored."""
+
+MANIFEST = "manifest.json"
+"""Size and SHA-256 of every file of a checkpoint, written last: a checkpoint whose files do not match it
+is refused."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every random generator the loop touches, as plain JSON (no pickles)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
 def save_checkpoint(
     folder: Path,
     model: nn.Module,
@@ -411,10 +513,12 @@ def save_checkpoint(
     """Write a resumable checkpoint atomically (a temporary folder, then one rename).
 
     The folder is a Hugging Face model folder (``from_pretrained`` loads it; for a LoRA model it holds the
-    adapter), plus the tokenizer, the resolved ``config.yaml``, ``state.pt`` (optimiser, scheduler, RNG)
-    and ``trainer_state.json``. LoRA checkpoints also keep ``trainable.safetensors``, the trainable
-    weights under their in-memory names, which is what resuming reads. Each ``extra`` module (e.g. PPO's
-    critic) is saved as ``<name>.safetensors``.
+    adapter), plus the tokenizer, the resolved ``config.yaml``, ``state.pt`` (optimiser and scheduler
+    state: tensors and plain values only, loaded with ``weights_only=True``), ``rng.json`` (every random
+    generator's state), ``trainer_state.json`` and ``manifest.json`` (size and SHA-256 of each file,
+    written last). LoRA checkpoints also keep ``trainable.safetensors``, the trainable weights under their
+    in-memory names, which is what resuming reads. Each ``extra`` module (e.g. PPO's critic) is saved as
+    ``<name>.safetensors``.
     """
     from safetensors.torch import save_file
 
@@ -433,22 +537,61 @@ def save_checkpoint(
         tokenizer.save_pretrained(str(tmp))
     if config is not None:
         save_config(config, tmp / "config.yaml")
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-        tmp / "state.pt",
-    )
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+    (tmp / "rng.json").write_text(json.dumps(_rng_state()))
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (naming the damaged file), or ``None`` when it is whole."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{folder}: no {MANIFEST} (an unfinished checkpoint, or one written by an older version)"
+    except (ValueError, KeyError, TypeError):
+        return f"{folder}/{MANIFEST}: damaged"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{path}: {size} bytes, expected {expected['bytes']} (truncated or replaced)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path}: checksum does not match the checkpoint's manifest (damaged or replaced)"
+    return None
+
+
+def checkpoint_folders(output: Path) -> list[Path]:
+    """The finished ``checkpoints/step-N`` folders of a run, oldest first (``.tmp`` leftovers skipped)."""
+    found = [
+        p for p in (output / "checkpoints").glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
 def latest_checkpoint(output: Path) -> Path | None:
-    folders = sorted(
-        (p for p in (output / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
-    return folders[-1] if folders else None
+    """The newest whole checkpoint of the run in ``output``, or ``None``.
+
+    A damaged checkpoint (a file missing, truncated or changed since it was written) is skipped with a
+    warning naming the file, and the previous good one is used instead.
+    """
+    skipped: list[str] = []
+    for folder in reversed(checkpoint_folders(output)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            for reason in skipped:
+                log.warning("skipping a damaged checkpoint: %s; resuming from %s instead", reason, folder)
+            return folder
+        skipped.append(problem)
+    if skipped:
+        raise ConfigError(f"no usable checkpoint in {output / 'checkpoints'}: " + "; ".join(skipped))
+    return None
 
 
 def load_checkpoint(
@@ -458,9 +601,17 @@ def load_checkpoint(
     scheduler: Any,
     extra: dict[str, nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns the loop state (step, ...)."""
+    """Restore what :func:`save_checkpoint` wrote; returns the loop state (step, ...).
+
+    Raises:
+        ConfigError: a file of the checkpoint is missing, truncated or changed (named in the message), or
+            the checkpoint does not match the model.
+    """
     from safetensors.torch import load_file
 
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise ConfigError(f"cannot resume: {problem}")
     for name, module in (extra or {}).items():
         module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
 
@@ -472,18 +623,23 @@ def load_checkpoint(
             f"{folder}: checkpoint does not match the model (missing {sorted(missing)[:3]} ...)"
         )
     model.load_state_dict(weights, strict=False)
-    blob = torch.load(folder / "state.pt", weights_only=False)
+    try:
+        blob = torch.load(folder / "state.pt", weights_only=True)
+    except Exception as err:  # an unpickler error names only the class it refused
+        raise ConfigError(
+            f"{folder / 'state.pt'}: holds more than tensors and plain values, refused unread "
+            f"(written by an older version, or crafted): {err.__class__.__name__}"
+        ) from None
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    np.random.set_state(blob["rng"]["numpy"])
-    random.setstate(blob["rng"]["python"])
+    _set_rng_state(json.loads((folder / "rng.json").read_text()))
     return json.loads((folder / "trainer_state.json").read_text())
 
 
 def prune_checkpoints(output: Path, keep: int) -> None:
-    folders = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in folders[: max(0, len(folders) - keep)]:
+    """Delete all but the newest ``keep`` checkpoints (at least one is always kept: the newest)."""
+    folders = checkpoint_folders(output)
+    for old in folders[: max(0, len(folders) - max(1, keep))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -498,6 +654,128 @@ def save_final_model(model: nn.Module, tokenizer: Any, output: Path) -> None:
     model.save_pretrained(str(output), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output))
+
+
+# --------------------------------------------------------------------------------------------------
+# run folders
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "adapter")
+"""What a run leaves in its folder: a folder holding any of these holds a run."""
+
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "epochs", "resume", "overwrite", "skip_nonfinite", "progress", "report_to"}
+    | {"save_every", "keep_checkpoints"}
+)
+"""Options a resumed run may change: the step budget, and how the run is shown and saved (nothing that
+changes what a step computes)."""
+
+
+class DivergenceError(RuntimeError):
+    """A step's loss or gradient is not finite; the message names the step."""
+
+
+def check_run_folder(config: TrainConfig) -> Path | None:
+    """Check ``config.output`` before anything is loaded; returns the checkpoint to resume from, if any.
+
+    Raises:
+        ConfigError: a --report-to sink is not installed; the folder holds a run and neither ``--resume`` nor ``--overwrite`` was given;
+            ``--resume`` finds no checkpoint; or ``--resume`` with settings other than the step budget
+            changed (the message names them).
+    """
+    output = Path(config.output)
+    check_output_path(output)
+    check_sinks(config.report_to)
+    if config.resume:
+        ckpt = latest_checkpoint(output)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {output / 'checkpoints'}, nothing to resume")
+        changed = changed_settings(ckpt / "config.yaml", config)
+        if changed:
+            raise ConfigError(
+                f"--resume: {ckpt} was trained with other settings: {'; '.join(changed)}. "
+                "Only the step budget (--max-steps, --epochs) may change on resume; "
+                "start a new run in another --output to change the rest"
+            )
+        return ckpt
+    held = [name for name in RUN_FILES if (output / name).exists()]
+    if held and not config.overwrite:
+        raise ConfigError(
+            f"{output} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+            "--overwrite to replace it, or another --output"
+        )
+    return None
+
+
+def changed_settings(saved: Path, config: Any) -> list[str]:
+    """``"key (old -> new)"`` for each setting of ``config`` that differs from the YAML file ``saved``,
+    except those in :data:`RESUMABLE_CHANGES` (no file: nothing to compare)."""
+    if not saved.is_file():
+        return []
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(config_to_dict(config)))  # the same round trip as the saved one
+    keys = sorted((set(old) | set(new)) - RESUMABLE_CHANGES)
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
+
+
+def clear_run(output: Path) -> None:
+    """Delete what a previous run left in ``output`` (``--overwrite``); other files are left alone."""
+    for name in RUN_FILES:
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def truncate_metrics(output: Path, step: int) -> None:
+    """Drop the ``metrics.jsonl`` records after ``step`` (and a half-written last line) before a resumed
+    run appends its own, so no step appears twice."""
+    path = output / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float written as a string (JSON has no NaN or Infinity)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return _plain(value)
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) asks the loop to save a checkpoint after the current step and stop; a second one
+    stops at once. Installed only in the main thread (where Python delivers signals)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,6 +830,32 @@ def evaluate(
     return {prefix + k: v for k, v in reduce_metrics(sums, len(examples)).items()}
 
 
+@dataclass
+class _Run:
+    """Everything the steps of one run share."""
+
+    config: TrainConfig
+    objective: Objective
+    scorer: Objective
+    train_examples: Sequence[dict[str, Any]]
+    eval_examples: Sequence[dict[str, Any]]
+    accelerator: Any
+    optimizer: Any
+    scheduler: Any
+    writer: MetricsWriter
+    state: dict[str, Any]
+    steps: int
+    tokenizer: Any = None
+    callback: Callable[[int, nn.Module], None] | None = None
+    interrupt: _Interrupt = field(default_factory=_Interrupt)
+    saved_step: int = -1
+    """The step of the newest checkpoint this run wrote or resumed from."""
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config.output)
+
+
 def train_loop(
     config: TrainConfig,
     objective: Objective,
@@ -565,19 +869,26 @@ def train_loop(
 ) -> dict[str, Any]:
     """Train ``objective.model`` on ``train_examples``; returns (and writes) the run summary.
 
-    Writes to ``config.output``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-N``, the final
-    model (Hugging Face folder) and ``summary.json``. ``eval_objective`` scores ``eval_examples`` when
-    they need their own state (e.g. precomputed reference log-probs); by default ``objective`` does.
-    ``callback(step, model)`` is called on the main process after every ``config.eval_every`` optimiser
-    steps and after the last one, with the unwrapped model (e.g. to sample from it along training).
+    Writes to ``config.output``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-N`` (every
+    ``config.save_every`` steps and after the last one), the final model (Hugging Face folder) and
+    ``summary.json``. A folder that already holds a run is refused unless ``config.resume`` (continue
+    from its latest whole checkpoint, same settings but the step budget) or ``config.overwrite``.
+    ``eval_objective`` scores ``eval_examples`` when they need their own state (e.g. precomputed
+    reference log-probs); by default ``objective`` does. ``callback(step, model)`` is called on the main
+    process after every ``config.eval_every`` optimiser steps and after the last one, with the unwrapped
+    model (e.g. to sample from it along training).
+
+    Raises:
+        ConfigError: the run folder or the resumed checkpoint is unusable (see :func:`check_run_folder`).
+        DivergenceError: a step's loss or gradient is not finite (without ``config.skip_nonfinite``); the
+            last good state is saved as a checkpoint first.
+        KeyboardInterrupt: after Ctrl-C, once a checkpoint of the last finished step is saved.
     """
     start = time.perf_counter()
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or make_accelerator()
     main = accelerator.is_main_process
-    if main:
-        save_config(config, output / "config.yaml")
+    ckpt = check_run_folder(config)
     use_memory_efficient_layers(objective.model)
     params = [p for p in objective.model.parameters() if p.requires_grad]
     if not params:
@@ -587,21 +898,26 @@ def train_loop(
     scheduler = make_scheduler(optimizer, config, steps)
     # The scheduler stays ours: Accelerate would step a prepared one once per process per step.
     objective.model, optimizer = accelerator.prepare(objective.model, optimizer)
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            clear_run(output)
+        save_config(config, output / "config.yaml")
     state = {"step": 0}
-    ckpt = latest_checkpoint(output) if config.resume else None
-    if config.resume and ckpt is None:
-        log.info("--resume: no checkpoint in %s, starting from scratch", output)
     if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator.unwrap_model(objective.model), optimizer, scheduler)
         log.info("resumed from %s (step %d)", ckpt, state["step"])
+        if main:
+            truncate_metrics(output, state["step"])
+    accelerator.wait_for_everyone()
     writer = MetricsWriter(output, config.report_to, append=ckpt is not None, enabled=main)
-    scorer = eval_objective or objective
-    last_metrics = _steps(
+    run = _Run(
         config,
         objective,
+        eval_objective or objective,
         train_examples,
         eval_examples,
-        scorer,
         accelerator,
         optimizer,
         scheduler,
@@ -610,13 +926,20 @@ def train_loop(
         steps,
         tokenizer,
         callback,
+        saved_step=state["step"] if ckpt is not None else -1,
     )
-    final_eval = evaluate(scorer, eval_examples, config) if eval_examples else {}
-    if final_eval:
-        writer.write(state["step"], final_eval)
-    writer.close()
+    try:
+        with run.interrupt:
+            last_metrics = _steps(run)
+        if run.saved_step != state["step"]:
+            _save(run)
+        final_eval = evaluate(run.scorer, eval_examples, config) if eval_examples else {}
+        if final_eval:
+            writer.write(state["step"], final_eval)
+    finally:
+        writer.close()
     model = accelerator.unwrap_model(objective.model)
-    if accelerator.is_main_process:
+    if main:
         save_final_model(model, tokenizer, output)
     summary = {
         "steps": state["step"],
@@ -628,32 +951,36 @@ def train_loop(
         **(extra_summary or {}),
     }
     if main:
-        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        (output / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     return summary
 
 
-def _steps(
-    config: TrainConfig,
-    objective: Objective,
-    train_examples: Sequence[dict[str, Any]],
-    eval_examples: Sequence[dict[str, Any]],
-    scorer: Objective,
-    accelerator: Any,
-    optimizer: Any,
-    scheduler: Any,
-    writer: MetricsWriter,
-    state: dict[str, Any],
-    steps: int,
-    tokenizer: Any = None,
-    callback: Callable[[int, nn.Module], None] | None = None,
-) -> dict[str, float]:
+def _save(run: _Run) -> None:
+    """Checkpoint the run at its current step (main process writes; every process waits for it)."""
+    if run.accelerator.is_main_process:
+        save_checkpoint(
+            run.output / "checkpoints" / f"step-{run.state['step']}",
+            run.accelerator.unwrap_model(run.objective.model),
+            run.optimizer,
+            run.scheduler,
+            run.state,
+            run.tokenizer,
+            run.config,
+        )
+        prune_checkpoints(run.output, run.config.keep_checkpoints)
+    run.saved_step = run.state["step"]
+    run.accelerator.wait_for_everyone()
+
+
+def _steps(run: _Run) -> dict[str, float]:
     """Run the remaining optimiser steps; returns the last step's metrics (empty if none ran)."""
+    config, state, accelerator = run.config, run.state, run.accelerator
     per_step = config.examples_per_step * accelerator.num_processes
-    stream = step_batches(len(train_examples), per_step, config.seed)
+    stream = step_batches(len(run.train_examples), per_step, config.seed)
     for _ in range(state["step"]):
         next(stream)  # deterministic order: skip what the resumed run already consumed
     bar = tqdm(
-        total=steps,
+        total=run.steps,
         initial=state["step"],
         desc="train",
         unit="step",
@@ -661,40 +988,44 @@ def _steps(
         dynamic_ncols=True,
     )
     step_metrics: dict[str, float] = {}
-    objective.model.train()
-    while state["step"] < steps:
-        indices = next(stream)[accelerator.process_index :: accelerator.num_processes]
-        step_metrics = _one_step(
-            config,
-            objective,
-            [train_examples[i] for i in indices],
-            len(indices) or 1,
-            accelerator,
-            optimizer,
-            scheduler,
-        )
+    run.objective.model.train()
+    while state["step"] < run.steps:
+        batch = next(stream)
+        try:
+            step_metrics = _one_step(run, batch)
+        except DivergenceError as err:
+            if run.saved_step != state["step"]:
+                _save(run)
+            raise DivergenceError(
+                f"{err}; stopped. The last good state is checkpoints/step-{state['step']} in "
+                f"{config.output}: lower --lr, or resume with --skip-nonfinite to skip such steps"
+            ) from None
         state["step"] += 1
-        metrics = {**step_metrics, "epoch": state["step"] * per_step / len(train_examples)}
-        if state["step"] % config.log_every == 0 or state["step"] == steps:
-            writer.write(state["step"], metrics)
-        if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < steps:
-            writer.write(state["step"], evaluate(scorer, eval_examples, config))
-        if config.save_every and state["step"] % config.save_every == 0 and accelerator.is_main_process:
-            save_checkpoint(
-                Path(config.output) / "checkpoints" / f"step-{state['step']}",
-                accelerator.unwrap_model(objective.model),
-                optimizer,
-                scheduler,
-                state,
-                tokenizer,
-                config,
-            )
-            prune_checkpoints(Path(config.output), config.keep_checkpoints)
+        interrupted = step_metrics.pop("_interrupt", 0.0) > 0
+        metrics = {**step_metrics, "epoch": state["step"] * per_step / len(run.train_examples)}
+        if state["step"] % config.log_every == 0 or state["step"] == run.steps:
+            run.writer.write(state["step"], metrics)
+        if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < run.steps:
+            run.writer.write(state["step"], evaluate(run.scorer, run.eval_examples, config))
+        if config.save_every and state["step"] % config.save_every == 0:
+            _save(run)
         at_eval = config.eval_every and state["step"] % config.eval_every == 0
-        if callback is not None and accelerator.is_main_process and (at_eval or state["step"] == steps):
-            callback(state["step"], accelerator.unwrap_model(objective.model))
+        if (
+            run.callback is not None
+            and accelerator.is_main_process
+            and (at_eval or state["step"] == run.steps)
+        ):
+            run.callback(state["step"], accelerator.unwrap_model(run.objective.model))
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in _SHOWN if k in metrics}, refresh=False)
         bar.update(1)
+        if interrupted:
+            if run.saved_step != state["step"]:
+                _save(run)
+            bar.close()
+            log.warning(
+                "stopped at step %d; checkpoint saved in %s", state["step"], run.output / "checkpoints"
+            )
+            raise KeyboardInterrupt(f"interrupted at step {state['step']}")
     bar.close()
     return step_metrics
 
@@ -702,17 +1033,21 @@ def _steps(
 _SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "tokens_per_s")
 
 
-def _one_step(
-    config: TrainConfig,
-    objective: Objective,
-    examples: list[dict[str, Any]],
-    count: int,
-    accelerator: Any,
-    optimizer: Any,
-    scheduler: Any,
-) -> dict[str, float]:
-    """One optimiser step over ``examples``: chunks of batch_size, micro-batches inside, one update."""
+def _one_step(run: _Run, batch: list[int]) -> dict[str, float]:
+    """One optimiser step over the step's examples ``batch`` (indices, all processes together).
+
+    Each process takes its share (``batch[rank::processes]``) in chunks of batch_size with micro-batches
+    inside. Every example weighs 1 / len(batch) in the step's gradient however the batch splits over the
+    processes: each process scales its loss sum by ``processes / len(batch)`` and DDP averages the
+    processes' gradients. A process with an empty share runs one example at weight 0, so that it still
+    joins every collective call.
+    """
+    config, accelerator, objective = run.config, run.accelerator, run.objective
     t0 = time.perf_counter()
+    share = [run.train_examples[i] for i in batch[accelerator.process_index :: accelerator.num_processes]]
+    count = len(share)
+    examples = share or [run.train_examples[batch[0]]]
+    scale = accelerator.num_processes / len(batch) if count else 0.0
     sums: dict[str, Tensor] = {}
     tokens = 0
     chunks = [examples[i : i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
@@ -721,25 +1056,43 @@ def _one_step(
         def sync(last_micro: bool, last_chunk: bool = k == len(chunks) - 1) -> Any:
             return nullcontext() if last_micro and last_chunk else accelerator.no_sync(objective.model)
 
-        # Each process scales its loss sum by 1 / its example count; DDP then averages over processes,
-        # which gives the mean over all examples of the step (processes get equal shares).
         chunk_sums, chunk_tokens = run_examples(
-            objective, chunk, config.micro_batch_tokens, 1.0 / count, accelerator.backward, sync
+            objective, chunk, config.micro_batch_tokens, scale, accelerator.backward, sync
         )
         for key, v in chunk_sums.items():
-            sums[key] = sums.get(key, 0.0) + v
-        tokens += chunk_tokens
+            sums[key] = sums.get(key, 0.0) + (v if count else v * 0.0)
+        tokens += chunk_tokens if count else 0
     grad_norm = _clip(accelerator, objective.model, config.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    release_freed_memory()
+    sums["_interrupt"] = torch.tensor(float(run.interrupt.requested))
     sums, count, tokens = _sum_over_processes(accelerator, sums, count, tokens)
-    elapsed = time.perf_counter() - t0
+    interrupt = float(sums.pop("_interrupt"))
     metrics = reduce_metrics(sums, count)
-    metrics.update(
-        grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed, step_s=elapsed
-    )
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+    skipped = run.state.get("nonfinite_skipped", 0)
+    if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
+        run.optimizer.step()
+    elif config.skip_nonfinite:
+        skipped += 1
+        log.warning(
+            "step %d: loss %s, gradient norm %s: skipped", run.state["step"] + 1, metrics["loss"], grad_norm
+        )
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        where = [ex.get("index") for ex in share if ex.get("index") is not None]
+        raise DivergenceError(
+            f"step {run.state['step'] + 1}: the loss ({metrics['loss']}) or the gradient norm ({grad_norm}) "
+            "is not finite" + (f" (training examples {where} on this process)" if where else "")
+        )
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    release_freed_memory()
+    elapsed = time.perf_counter() - t0
+    if skipped:
+        run.state["nonfinite_skipped"] = skipped
+        metrics["nonfinite_skipped"] = skipped
+    metrics.update(grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / elapsed, step_s=elapsed)
+    if interrupt:
+        metrics["_interrupt"] = interrupt
     return metrics
 
 

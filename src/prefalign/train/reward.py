@@ -19,6 +19,7 @@ from prefalign.losses import bradley_terry_loss
 from prefalign.packing import pack_pairs, packed_scores, pair_tokens
 from prefalign.train.loop import (
     TrainConfig,
+    check_run_folder,
     load_pairs,
     make_accelerator,
     report_done,
@@ -76,6 +77,7 @@ def train(
 
     seed_everything(config.seed)
     accelerator = make_accelerator()
+    check_run_folder(config)  # before any model is loaded
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     train_set, held = load_pairs(config, tokenizer)
     if model is None:

@@ -21,6 +21,7 @@ from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.packing import pack_completions, packed_logps
 from prefalign.train.loop import (
     TrainConfig,
+    check_run_folder,
     make_accelerator,
     report_done,
     seed_everything,
@@ -68,6 +69,7 @@ def train(
 
     seed_everything(config.seed)
     accelerator = make_accelerator()
+    check_run_folder(config)  # before any model is loaded
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     rows, held = split_rows(
         load_sft(config.data),

@@ -1,0 +1,85 @@
+"""Ctrl-C and divergence: an interrupted run leaves a checkpoint to resume from; a run whose loss or
+gradient stops being finite stops (or skips the step) instead of writing a NaN model and exit 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from prefalign.cli import main
+from prefalign.testing import synthetic_pairs, write_jsonl
+from prefalign.train.dpo import DPOConfig, train
+from prefalign.train.loop import DivergenceError, checkpoint_folders, latest_checkpoint, read_metrics
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", synthetic_pairs(16, seed=0))
+
+
+def _strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_sigint_saves_a_checkpoint_then_exits_130(tiny_model_dir, pairs, tmp_path):
+    """Ctrl-C after a few steps: exit 130, a checkpoint of the last finished step (no periodic ones were
+    asked for), and --resume continues from it."""
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--data", str(pairs), "--output", str(out)]
+    common += ["--max-length", "64", "--batch-size", "4", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefalign", "dpo", *common, "--max-steps", "100000", "--save-every", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no 3 steps in 240 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    done = [m["step"] for m in read_metrics(out)]
+    step = done[-1]
+    assert done == list(range(1, step + 1)) and step >= 3
+    assert latest_checkpoint(out).name == f"step-{step}"
+    assert main(["dpo", *common, "--max-steps", str(step + 1), "--save-every", "0", "--resume"]) == 0
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, step + 2))
+
+
+def config(model_dir, pairs, out, **kw):
+    base = dict(model=str(model_dir), data=str(pairs), output=str(out), max_length=64, batch_size=4)
+    return DPOConfig(**{**base, "progress": False, **kw})
+
+
+def test_a_non_finite_step_stops_the_run_naming_it_and_keeps_the_last_good_state(
+    tiny_model_dir, pairs, tmp_path
+):
+    """lr 1e30: the first update sends the weights to ~1e30, so step 2's loss is not finite."""
+    with pytest.raises(DivergenceError, match="step 2: the loss .* not finite"):
+        train(config(tiny_model_dir, pairs, tmp_path, lr=1e30, max_steps=4))
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["step-1"]
+    assert not (tmp_path / "model.safetensors").exists()  # no NaN model written as the result
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+    args = ["dpo", "--model", str(tiny_model_dir), "--data", str(pairs), "--output", str(tmp_path / "cli")]
+    assert main([*args, "--lr", "1e30", "--max-steps", "3", "--max-length", "64", "--no-progress"]) == 2
+
+
+def test_skip_nonfinite_skips_and_counts_and_files_stay_valid_json(tiny_model_dir, pairs, tmp_path):
+    summary = train(config(tiny_model_dir, pairs, tmp_path, lr=1e30, max_steps=4, skip_nonfinite=True))
+    assert summary["steps"] == 4
+    rows = [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("nonfinite_skipped", 0) for r in rows] == [0, 1, 2, 3]
+    assert _strict_json((tmp_path / "summary.json").read_text())["final"]["nonfinite_skipped"] == 3
