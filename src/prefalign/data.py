@@ -774,16 +774,6 @@ class PreferenceCollator:
         return collate_preferences(features, self.pad_token_id)
 
 
-class SFTCollator:
-    """:func:`collate_sft` with the pad id bound, usable as a DataLoader ``collate_fn``."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_sft(features, self.pad_token_id)
-
-
 def pack_sequences(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict[str, Any]:
     """Concatenate sequences into one padding-free row.
 

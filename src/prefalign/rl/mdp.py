@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_ATOL = 1e-8
-
 
 @dataclass(frozen=True)
 class Episode:
