@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "reward": "prefalign.train.reward",
     "dpo": "prefalign.train.dpo",
     "ppo": "prefalign.train.ppo",
+    "grpo": "prefalign.train.grpo",
+    "rloo": "prefalign.train.rloo",
     "score": "prefalign.rewards",
     "generate": "prefalign.generation",
     "models": "prefalign.models",

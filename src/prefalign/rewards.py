@@ -228,6 +228,48 @@ def make_reward(
     return CallableReward(str(reward))
 
 
+class WeightedReward(RewardSource):
+    """Several sources at once: the weighted sum of their scores (TRL's ``reward_funcs`` with
+    ``reward_weights``). The last call's scores of each source stay in ``components`` (for metrics)."""
+
+    def __init__(self, sources: Sequence[RewardSource], weights: Sequence[float]) -> None:
+        if len(sources) != len(weights):
+            raise RewardError(f"{len(weights)} reward weights for {len(sources)} reward sources")
+        self.sources, self.weights = list(sources), [float(w) for w in weights]
+        self.name = " + ".join(f"{w:g} * {s.name}" for s, w in zip(self.sources, self.weights, strict=True))
+        self.components: dict[str, list[float]] = {}
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        total = [0.0] * len(completions)
+        self.components = {}
+        for source, weight in zip(self.sources, self.weights, strict=True):
+            scores = source(prompts, completions)
+            self.components[source.name] = scores
+            total = [t + weight * s for t, s in zip(total, scores, strict=True)]
+        return total
+
+
+def make_rewards(
+    rewards: Sequence[str] = (),
+    reward_model: str | None = None,
+    weights: Sequence[float] = (),
+    device: str | torch.device | None = None,
+    raw: bool = False,
+) -> RewardSource:
+    """One source from several: each of ``rewards`` (``sentiment`` or ``module:function``) and the reward
+    model if given (last), combined by ``weights`` (default: all 1). A single source with weight 1 is
+    returned as it is."""
+    sources = [make_reward(spec, device=device, raw=raw) for spec in rewards]
+    if reward_model is not None:
+        sources.append(make_reward(reward_model=reward_model, device=device, raw=raw))
+    if not sources:
+        raise RewardError("give a reward source: --reward sentiment|module:function or --reward-model PATH")
+    weights = list(weights) or [1.0] * len(sources)
+    if len(sources) == 1 and weights == [1.0]:
+        return sources[0]
+    return WeightedReward(sources, weights)
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line: `prefalign score`
 # --------------------------------------------------------------------------------------------------

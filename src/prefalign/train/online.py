@@ -533,6 +533,22 @@ def prepare(config: OnlineConfig, tokenizer: Any = None) -> tuple[Any, Any, tupl
     return acc, tokenizer, encode(rows), encode(held)
 
 
+def build_run(run_class: type, config: OnlineConfig, acc: Any, module: nn.Module, prompts: tuple,
+              held: tuple, **parts: Any) -> Any:  # fmt: skip
+    """A ``run_class`` run: the optimiser and schedule over ``module``'s trainable parameters, prepared by
+    the accelerator; ``parts`` are the run's other fields (reference, source, tokenizer, ...)."""
+    from prefalign.train.loop import make_optimizer, make_scheduler
+
+    iterations = config.total_iterations(len(prompts[0]))
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
+    scheduler = make_scheduler(optimizer, config, iterations * config.ppo_epochs * config.minibatches)
+    module, optimizer = acc.prepare(module, optimizer)
+    return run_class(
+        config=config, accelerator=acc, module=module, optimizer=optimizer, scheduler=scheduler,
+        prompts=prompts, eval_prompts=held, iterations=iterations, **parts,
+    )  # fmt: skip
+
+
 def rollout_for(
     run: OnlineRun, prompt_ids: list[list[int]], texts: list[str], seed: int, for_update: bool = False
 ) -> tuple[Rollout, dict[str, float]]:

@@ -31,10 +31,6 @@ from prefalign.kl import AdaptiveKLController, FixedKLController
 from prefalign.losses import KL_ESTIMATORS, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_logps
 from prefalign.memory import use_memory_efficient_layers
 from prefalign.train import online
-from prefalign.train.loop import (
-    make_optimizer,
-    make_scheduler,
-)
 
 log = logging.getLogger(__name__)
 
@@ -316,20 +312,14 @@ def setup(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     acc, tokenizer, prompts, held = online.prepare(config, tokenizer)
     source = make_source(config, tokenizer, acc.device)
     module, reference = load_models(config, model, acc.device)
-    iterations = config.total_iterations(len(prompts[0]))
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
-    scheduler = make_scheduler(optimizer, config, iterations * config.ppo_epochs * config.minibatches)
-    module, optimizer = acc.prepare(module, optimizer)
     kl_ctl = (
         AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         if config.target_kl
         else FixedKLController(config.kl_coef)
     )
-    return PPORun(
-        config=config, accelerator=acc, module=module, reference=reference, source=source,
-        tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, prompts=prompts,
-        eval_prompts=held, iterations=iterations, kl_ctl=kl_ctl,
+    return online.build_run(
+        PPORun, config, acc, module, prompts, held, reference=reference, source=source, tokenizer=tokenizer,
+        kl_ctl=kl_ctl,
     )  # fmt: skip
 
 

@@ -1,0 +1,184 @@
+"""GRPO and RLOO on tiny models: the ratio at the first update, learning a synthetic reward, groups with
+equal rewards, several weighted reward sources, exact resume and reward errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefalign.train import grpo, online, rloo
+from prefalign.train.loop import read_metrics
+
+PREFIXES = [
+    "The movie",
+    "It was",
+    "A film about",
+    "I think",
+    "Honestly the",
+    "My friend said",
+    "The plot",
+    "Acting",
+]
+
+REWARDS = '''
+def share_of_e(prompts, completions):
+    """Ten times the share of the letter e in the response (learnable fast by a tiny random model)."""
+    return [10 * c.count("e") / max(1, len(c)) for c in completions]
+
+def length(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+def flat_for_the(prompts, completions):
+    """1 for every response to a prompt starting with "The" (equal rewards in those groups), else the
+    response's position in the batch (all different)."""
+    return [1.0 if p.startswith("The") else float(i) for i, p in enumerate(prompts)]
+
+def wrong_count(prompts, completions):
+    return [0.0]
+'''
+
+COMMANDS = {"grpo": (grpo.GRPOConfig, grpo.train), "rloo": (rloo.RLOOConfig, rloo.train)}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("grpo")
+    (folder / "group_rewards.py").write_text(REWARDS)
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PREFIXES * 4))
+    return folder
+
+
+@pytest.fixture
+def on_path(workdir, monkeypatch):
+    monkeypatch.syspath_prepend(str(workdir))
+    return workdir
+
+
+def config(command: str, workdir: Path, model: Path, output: str, **overrides):
+    settings = dict(
+        model=str(model), prompts=str(workdir / "prompts.jsonl"), output=str(workdir / output),
+        reward=["group_rewards:share_of_e"], raw=True, rollout_batch=4, num_generations=4,
+        response_length=10, progress=False, lr=5e-3, seed=0,
+    )  # fmt: skip
+    return COMMANDS[command][0](**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_the_first_update_has_ratio_exactly_one(on_path, tiny_model_dir, command):
+    """One pass, one minibatch: the old log-probs are the detached current ones, so every ratio is
+    exp(0) = 1 to the bit and the clip never acts, in both commands."""
+    cfg = config(command, on_path, tiny_model_dir, f"ratio-{command}", iterations=1)
+    run = grpo.setup(cfg, run_class=grpo.GroupRun if command == "grpo" else rloo.RLOORun)
+    run.run_iteration(0)
+    (first,) = run.minibatch_stats
+    assert first["policy/ratio_mean"] == 1.0
+    assert first["policy/clip_ratio_low"] == first["policy/clip_ratio_high"] == 0.0
+    assert first["policy/grad_norm"] > 0
+
+
+def test_recomputed_old_logprobs_give_ratio_one_then_move(on_path, tiny_model_dir):
+    """Two passes over two minibatches with --recompute-logprobs: the first minibatch's ratio is exactly 1
+    (old pass in the same micro-batches), later ones moved."""
+    cfg = config("grpo", on_path, tiny_model_dir, "ratio-2", iterations=1, ppo_epochs=2, minibatches=2,
+                 recompute_logprobs=True)  # fmt: skip
+    run = grpo.setup(cfg)
+    run.run_iteration(0)
+    assert run.minibatch_stats[0]["policy/ratio_mean"] == 1.0
+    assert len(run.minibatch_stats) == 4
+    assert any(s["policy/ratio_mean"] != 1.0 for s in run.minibatch_stats[1:])
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_a_synthetic_reward_rises(on_path, tiny_model_dir, command):
+    """The share-of-e score (about 0.5 for the random tiny model) climbs by more than 1 within 30
+    iterations of 4 prompts x 4 samples; the final policy is saved as a Hugging Face folder."""
+    summary = COMMANDS[command][1](
+        config(command, on_path, tiny_model_dir, f"rise-{command}", iterations=30, lr_schedule="constant")
+    )
+    scores = [
+        r["objective/scores"] for r in read_metrics(on_path / f"rise-{command}") if "objective/scores" in r
+    ]
+    early, late = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert late > early + 1.0, (early, late)
+    assert summary["final"]["objective/kl"] > 0
+    assert (on_path / f"rise-{command}" / "model.safetensors").exists()
+    assert (on_path / f"rise-{command}" / "config.json").exists()
+
+
+def test_groups_with_equal_rewards_are_counted(on_path, tiny_model_dir):
+    """Prompts starting with "The" score 1 whatever the response: those groups have std 0 (advantages 0),
+    and frac_reward_zero_std is their share of the iteration's groups."""
+    cfg = config("grpo", on_path, tiny_model_dir, "flat", iterations=2, reward=["group_rewards:flat_for_the"],
+                 rollout_batch=8)  # fmt: skip
+    grpo.train(cfg)
+    rows = [r for r in read_metrics(on_path / "flat") if "frac_reward_zero_std" in r]
+    for it, row in enumerate(rows):
+        chosen = online.iteration_prompts(len(PREFIXES) * 4, 8, 0, it)
+        expected = sum((PREFIXES * 4)[i].startswith("The") for i in chosen) / 8
+        assert 0 < expected < 1
+        assert row["frac_reward_zero_std"] == pytest.approx(expected)
+
+
+def test_several_weighted_sources_and_the_beta_alias(on_path, tiny_model_dir):
+    """--reward twice with --reward-weights 1,0.5: each source is logged as reward/<source> and the score
+    is their weighted sum; --beta sets kl_coef."""
+    out = on_path / "weighted"
+    result = subprocess.run(
+        [sys.executable, "-m", "prefalign", "rloo", "--model", str(tiny_model_dir), "--prompts",
+         str(on_path / "prompts.jsonl"), "--output", str(out), "--reward", "group_rewards:share_of_e",
+         "--reward", "group_rewards:length", "--reward-weights", "1,0.5", "--beta", "0.3", "--raw",
+         "--iterations", "1", "--rollout-batch", "2", "--num-generations", "2", "--response-length", "4",
+         "--no-progress"],
+        capture_output=True, text=True, cwd=on_path, env={"PYTHONPATH": str(on_path), "PATH": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = [r for r in read_metrics(out) if "reward_std" in r]
+    e, n = row["reward/group_rewards:share_of_e"], row["reward/group_rewards:length"]
+    assert n > 0
+    assert row["objective/scores"] == pytest.approx(e + 0.5 * n)
+    assert row["kl_coef"] == 0.3
+    assert json.loads((out / "summary.json").read_text())["settings"]["kl_coef"] == 0.3
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_resume_equals_an_uninterrupted_run(on_path, tiny_model_dir, command):
+    """4 iterations straight, against 2, a checkpoint, then --resume to 4: same weights and metric rows
+    (two passes over two minibatches, so the sampler's old log-probs and the optimiser state matter)."""
+    common = dict(lr_schedule="constant", minibatches=2, ppo_epochs=2)
+    train = COMMANDS[command][1]
+    train(config(command, on_path, tiny_model_dir, f"whole-{command}", iterations=4, **common))
+    train(config(command, on_path, tiny_model_dir, f"parts-{command}", iterations=2, save_every=2, **common))
+    train(config(command, on_path, tiny_model_dir, f"parts-{command}", iterations=4, resume=True, **common))
+    a = load_file(on_path / f"whole-{command}" / "model.safetensors")
+    b = load_file(on_path / f"parts-{command}" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    keep = ("objective/scores", "objective/kl", "reward_std", "policy/ratio_mean")
+    whole = [{k: r[k] for k in keep} for r in read_metrics(on_path / f"whole-{command}") if "reward_std" in r]
+    parts = [{k: r[k] for k in keep} for r in read_metrics(on_path / f"parts-{command}") if "reward_std" in r]
+    assert len(whole) == 4
+    assert parts == whole
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_a_broken_reward_stops_the_cli_with_one_line_and_status_2(on_path, tiny_model_dir, command):
+    result = subprocess.run(
+        [sys.executable, "-m", "prefalign", command, "--model", str(tiny_model_dir), "--prompts",
+         str(on_path / "prompts.jsonl"), "--output", str(on_path / f"broken-{command}"), "--reward",
+         "group_rewards:wrong_count", "--raw", "--iterations", "1", "--rollout-batch", "2",
+         "--num-generations", "2", "--response-length", "4", "--no-progress"],
+        capture_output=True, text=True, cwd=on_path, env={"PYTHONPATH": str(on_path), "PATH": ""},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        last
+        == f"prefalign {command}: error: reward group_rewards:wrong_count: returned 1 scores for 4 completions"
+    )
+    assert "Traceback" not in result.stderr
