@@ -46,7 +46,10 @@ log = logging.getLogger(__name__)
 PROMPTS_FILE = Path(__file__).parent / "assets" / "demo_prompts.jsonl"
 """The bundled movie-review openings: ``{"prompt", "split"}`` per line, split ``train`` or ``test``."""
 
-METHODS = ("preferred-ft", "dpo", "ppo", "dpo-sweep", "ppo-gt", "ppo-kl-sweep", "best-of-n")
+PHASE_VERSION = 2
+"""Part of every phase's inputs: bump it when what a phase computes changes, so old results are redone."""
+
+METHODS = ("preferred-ft", "dpo", "ppo", "dpo-sweep", "ppo-gt", "ppo-kl-sweep", "best-of-n", "grpo", "rloo")
 PRESETS = ("default", "frontier", "smoke")
 
 
@@ -64,7 +67,8 @@ class DemoConfig:
     prompts: str | None = None
     """JSONL of {"prompt", "split": "train"|"test"}; default: the bundled movie-review openings."""
     methods: list[str] = field(default_factory=lambda: ["preferred-ft", "dpo", "ppo"])
-    """Methods besides the reference: preferred-ft, dpo, ppo, dpo-sweep, ppo-gt, ppo-kl-sweep, best-of-n."""
+    """Methods besides the reference: preferred-ft, dpo, ppo, dpo-sweep, ppo-gt, ppo-kl-sweep, best-of-n, grpo
+    and rloo (the last two against the learned reward model, with PPO's iterations and learning rate)."""
     seed: int = 0
     """Seed of prompt selection, sampling and training."""
     device: str | None = None
@@ -167,6 +171,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         "sft_prompts": 8,
         "batch_size": 8,
         "pft_lr": 1e-3,
+        "pft_epochs": 3.0,
         "sft_lr": 1e-3,
         "dpo_lr": 1e-3,
         "rm_lr": 1e-3,
@@ -379,7 +384,7 @@ class Demo:
 
     def phase(self, name: str, folder: Path, inputs: dict[str, Any], body: Callable[[Phase], dict]) -> dict:
         """Run ``body(phase)`` unless the phase is complete with these inputs; returns its result."""
-        phase = Phase(name, folder, {"phase": name, **inputs})
+        phase = Phase(name, folder, {"phase": name, "version": PHASE_VERSION, **inputs})
         done = phase.completed()
         if done is not None:
             say(f"[{name}] complete in {folder} (inputs unchanged): skipped")
@@ -484,6 +489,8 @@ class Demo:
         elif method == "ppo-kl-sweep":
             for target in c.ppo_target_kls:
                 yield f"ppo-kl{target:g}", lambda name, t=target: self.ppo(name, prefs, t, learned=True)
+        elif method in ("grpo", "rloo"):
+            yield method, lambda name: self.online(name, method, prefs, True, {})
         elif method == "best-of-n":
             for n in c.best_of:
                 yield f"best-of-{n}", lambda name, n=n: self.best_of_n(name, prefs, n)
@@ -585,6 +592,7 @@ class Demo:
         )
         sets: dict[str, list[dict]] = {"train": [], "heldout": []}
         ties = empty = 0
+        best: list[dict[str, Any]] = []
         for i, prompt in enumerate(prompts):
             group = [
                 (t, s) for t, s in zip(texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k], strict=True)
@@ -593,7 +601,11 @@ class Demo:
             empty += len(group) - len(kept)
             pairs, tied = preference_pairs(prompt, [t for t, _ in kept], [s for _, s in kept])
             ties += tied
-            sets["heldout" if i >= len(prompts) - c.heldout_prompts else "train"] += pairs
+            heldout = i >= len(prompts) - c.heldout_prompts
+            sets["heldout" if heldout else "train"] += pairs
+            if pairs and not heldout:  # the sample chosen over every other one of its prompt
+                top = max(kept, key=lambda item: item[1])
+                best.append({"prompt": prompt, "completion": top[0], "reward": top[1]})
         if not sets["train"] or not sets["heldout"]:
             raise ConfigError(
                 f"preferences: {len(sets['train'])} training and {len(sets['heldout'])} held-out pairs after "
@@ -601,13 +613,13 @@ class Demo:
             )
         write_jsonl(phase.folder / "pairs-train.jsonl", sets["train"])
         write_jsonl(phase.folder / "pairs-heldout.jsonl", sets["heldout"])
-        chosen = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in sets["train"]]
-        write_jsonl(phase.folder / "chosen-train.jsonl", chosen)
+        write_jsonl(phase.folder / "chosen-train.jsonl", best)
         return {
             "prompts": len(prompts),
             "samples": len(texts),
             "mean_reward": sum(scores) / len(scores),
             "pairs_train": len(sets["train"]),
+            "chosen_train": len(best),
             "pairs_heldout": len(sets["heldout"]),
             "ties_dropped": ties,
             "empty_dropped": empty,
@@ -647,7 +659,8 @@ class Demo:
         }
 
     def preferred_ft(self, name: str, prefs: dict[str, Any]) -> None:
-        """Preferred-FT: supervised fine-tuning on the chosen completion of every training pair."""
+        """Preferred-FT: supervised fine-tuning on the chosen completions, one per training prompt (the
+        sample preferred over all the others of its prompt)."""
         from prefalign.train.loop import total_steps
         from prefalign.train.sft import SFTConfig
         from prefalign.train.sft import train as train_sft
@@ -666,7 +679,7 @@ class Demo:
                 seed=c.seed,
                 progress=c.progress,
             )
-            steps = total_steps(config, prefs["pairs_train"])
+            steps = total_steps(config, prefs["chosen_train"])
             config.eval_every = steps_between_evals(steps, c.evals_per_run)
             callback, points = self.evaluator(name)
             summary = train_sft(config, model=self.load_policy(), tokenizer=self.tokenizer, callback=callback)
@@ -754,43 +767,53 @@ class Demo:
 
     def ppo(self, name: str, prefs: dict[str, Any], target_kl: float | None, learned: bool) -> None:
         """PPO against the learned reward model (RLHF) or, for ppo-gt, against the ground truth itself."""
-        from prefalign.train.ppo import PPOConfig
-        from prefalign.train.ppo import train as train_ppo
+        options = {"target_kl": target_kl, "shared_value_head": self.config.ppo_shared_value_head}
+        self.online(name, "ppo", prefs, learned, options)
+
+    def online(
+        self, name: str, kind: str, prefs: dict[str, Any], learned: bool, options: dict[str, Any]
+    ) -> None:
+        """An online method (``prefalign.train.<kind>``: ppo, grpo, rloo) against the learned reward model
+        or the ground truth, evaluated along its iterations."""
+        import importlib
 
         c = self.config
+        module = importlib.import_module(f"prefalign.train.{kind}")
+        config_cls = getattr(module, f"{kind.upper()}Config")
         rm = self.reward_model(prefs) if learned else None
-        prompts = self.out / "prompts-train.jsonl"
-        write_jsonl(prompts, [{"prompt": p} for p in self.train_prompts])
+        prompts = write_jsonl(self.out / "prompts-train.jsonl", [{"prompt": p} for p in self.train_prompts])
+        reward: Any = None if rm else "sentiment"
+        if kind != "ppo":  # the group methods take a list of reward sources
+            reward = [] if rm else ["sentiment"]
 
         def body(phase: Phase) -> dict[str, Any]:
             start = time.perf_counter()
-            config = PPOConfig(
+            config = config_cls(
                 model=self.reference_path,
                 prompts=str(prompts),
                 output=str(phase.folder),
                 reward_model=rm["path"] if rm else None,
-                reward=None if rm else "sentiment",
+                reward=reward,
                 raw=True,
                 iterations=c.ppo_iterations,
                 rollout_batch=c.ppo_rollout_batch,
                 response_length=c.max_new_tokens,
                 lr=c.ppo_lr,
                 kl_coef=c.ppo_kl_coef,
-                target_kl=target_kl,
-                shared_value_head=c.ppo_shared_value_head,
                 eval_every=steps_between_evals(c.ppo_iterations, c.evals_per_run),
                 seed=c.seed,
                 progress=c.progress,
+                **options,
             )
             callback, points = self.evaluator(name)
-            summary = train_ppo(config, callback=callback)
-            return self._trained(name, summary, points, c.ppo_rollout_batch, time.perf_counter() - start)
+            summary = module.train(config, callback=callback)
+            per_step = c.ppo_rollout_batch * getattr(config, "num_generations", 1)  # responses per iteration
+            return self._trained(name, summary, points, per_step, time.perf_counter() - start)
 
-        inputs = {"reward": rm["key"] if rm else "sentiment", "eval": self.eval_settings()}
-        inputs |= {"prompts": digest(self.train_prompts), "target_kl": target_kl, "lr": c.ppo_lr}
+        inputs = {"kind": kind, "reward": rm["key"] if rm else "sentiment", "eval": self.eval_settings()}
+        inputs |= {"prompts": digest(self.train_prompts), "lr": c.ppo_lr, "options": options}
         inputs |= {"iterations": c.ppo_iterations, "rollout_batch": c.ppo_rollout_batch}
-        inputs |= {"kl_coef": c.ppo_kl_coef, "shared_value_head": c.ppo_shared_value_head}
-        inputs |= {"evals": c.evals_per_run}
+        inputs |= {"kl_coef": c.ppo_kl_coef, "evals": c.evals_per_run}
         self.phase(name, self.out / "runs" / name, inputs, body)
 
     def best_of_n(self, name: str, prefs: dict[str, Any], n: int) -> None:
