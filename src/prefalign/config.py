@@ -122,6 +122,9 @@ def build_config(
             raise ConfigError(f"{path}: invalid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of option names to values")
+        not_text = [k for k in loaded if not isinstance(k, str)]
+        if not_text:
+            raise ConfigError(f"{path}: option names must be text, got {not_text[0]!r}")
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(loaded) - names)
         if unknown:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -90,7 +91,7 @@ def _read_json(path: Path, split: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a leading byte-order mark is dropped
         reader = csv.DictReader(f)
         for row in reader:
             where = f"{path.name}:{reader.line_num}"
@@ -155,8 +156,16 @@ def _read_folder(path: Path, split: str) -> Iterator[tuple[str, Any]]:
     )
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.lower().endswith(SUFFIXES) or source.startswith(("/", ".", "~")) or source.count("/") > 1
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""What a Hugging Face hub dataset id looks like: ``owner/name``."""
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` with no data-file suffix, whose ``owner`` is not a local folder (``data/pairs``
+    with a ``data`` folder here is a path that does not exist, not a hub id)."""
+    if source.lower().endswith(SUFFIXES) or not HUB_ID.fullmatch(source):
+        return False
+    return not Path(source.split("/")[0]).is_dir()
 
 
 def _read_hub(source: str, split: str) -> Iterator[tuple[str, Any]]:
@@ -190,7 +199,7 @@ def read_rows(source: str | Path, split: str = "train") -> list[tuple[str, Any]]
         rows = _read_folder(path, split)
     elif path.is_file():
         rows = _read_file(path, split)
-    elif isinstance(source, Path) or _looks_like_path(str(source)):
+    elif isinstance(source, Path) or not _looks_like_hub_id(str(source)):
         raise DataError(f"{source}: no such file or folder")
     else:
         rows = _read_hub(str(source), split)
@@ -222,6 +231,13 @@ def _check_text(value: Any, where: str, name: str) -> str:
         raise DataError(f'{where}: field "{name}" must be text, got {type(value).__name__}')
     if not value.strip():
         raise DataError(f'{where}: field "{name}" is empty')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON allows "\ud800"; no tokenizer does
+        raise DataError(
+            f'{where}: field "{name}" holds a lone surrogate ({value[err.start]!r} at character {err.start}), '
+            "which is not text"
+        ) from None
     return value
 
 

@@ -11,6 +11,7 @@ mean over its examples.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from prefalign.train.loop import (
     split_rows,
     train_loop,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,13 +80,18 @@ def train(
         config.eval_split,
         config.seed,
     )
-    train_set = [
-        ex
-        for ex in encode_sft_examples(tokenizer, rows, config.max_length, config.raw)
-        if any(x != -100 for x in ex["labels"][1:])
-    ]
+    encoded = encode_sft_examples(tokenizer, rows, config.max_length, config.raw)
+    train_set = [ex for ex in encoded if any(x != -100 for x in ex["labels"][1:])]
     if not train_set:
         raise ConfigError(f"{config.data}: no example has a completion token left to train on")
+    dropped = len(encoded) - len(train_set)
+    if dropped:
+        log.warning(
+            "dropped %d of %d examples whose prompt fills max_length=%d (no completion token left)",
+            dropped,
+            len(encoded),
+            config.max_length,
+        )
     held_set = encode_sft_examples(tokenizer, held, config.max_length, config.raw) if held else []
     if model is None:
         lora = config.lora_settings()
@@ -98,6 +106,7 @@ def train(
         held_set,
         tokenizer=tokenizer,
         accelerator=accelerator,
+        extra_summary={"dropped_examples": dropped},
         callback=callback,
     )
 

@@ -1,0 +1,115 @@
+"""Values that used to pass validation and crash later (or never) are refused up front, naming the
+field, with exit 2: before any model is loaded (the model path here does not even exist, so a check
+that came after the model load would report the model instead)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from prefalign.cli import main
+from prefalign.data import DataError, load_preferences, read_rows
+from prefalign.testing import write_jsonl
+from prefalign.train import loop
+
+
+def run(capsys, tmp_path, *extra):
+    args = ["dpo", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.jsonl")]
+    code = main([*args, "--no-progress", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--log-every", "0"], "log_every must be >= 1"),
+        (["--seed", "-1"], "seed must be >= 0"),
+        (["--epochs", "inf"], "epochs must be > 0 and finite"),
+        (["--lr", "inf"], "lr must be finite"),
+        (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+        (["--max-prompt-length", "0"], "max_prompt_length must be >= 1 and < max_length"),
+        (
+            ["--max-prompt-length", "512", "--max-length", "512"],
+            "max_prompt_length must be >= 1 and < max_length",
+        ),
+        (["--max-grad-norm", "-1"], "max_grad_norm must be >= 0"),
+        (["--warmup-steps", "-3"], "warmup_steps must be >= 0"),
+        (["--save-every", "-1"], "save_every must be >= 0"),
+        (["--keep-checkpoints", "0"], "keep_checkpoints must be >= 1"),
+        (["--lora-dropout", "1"], "lora_dropout must be in [0, 1)"),
+        (["--resume", "--overwrite"], "at most one of --resume and --overwrite"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(capsys, tmp_path, flags, message):
+    code, err = run(capsys, tmp_path, "--output", str(tmp_path / "out"), *flags)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_a_file_or_under_one_is_refused(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = run(capsys, tmp_path, "--output", str(afile))
+    assert code == 2 and "is a file" in err
+    code, err = run(capsys, tmp_path, "--output", str(afile / "run"))
+    assert code == 2 and f"lies under the file {afile}" in err
+
+
+def test_a_report_sink_that_is_not_installed_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(loop.SINKS, "wandb", "prefalign_no_such_module")
+    code, err = run(capsys, tmp_path, "--output", str(tmp_path / "out"), "--report-to", "wandb")
+    assert code == 2 and "--report-to wandb needs the package" in err, err
+
+
+def test_a_yaml_key_that_is_not_text_is_refused(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("1: 2\nlr: 0.1\n")
+    code, err = run(capsys, tmp_path, "--output", str(tmp_path / "out"), "--config", str(tmp_path / "c.yaml"))
+    assert code == 2 and "option names must be text, got 1" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_lone_surrogate_is_a_data_error_with_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}\n'
+    )
+    with pytest.raises(DataError, match=r'pairs.jsonl:2: field "prompt" holds a lone surrogate'):
+        load_preferences(path)
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nHi,Good,Bad\n", encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert load_preferences(path) == [{"prompt": "Hi", "chosen": "Good", "rejected": "Bad"}]
+
+
+def test_a_missing_relative_path_is_reported_at_once_not_tried_on_the_hub(tmp_path, monkeypatch):
+    import prefalign.data as data
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("tried the hub")
+
+    monkeypatch.setattr(data, "_read_hub", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for source in ("data/pairs", "pairs", "./x/y", "data/pairs.jsonl"):
+        with pytest.raises(DataError, match=f"^{source}: no such file or folder$"):
+            read_rows(source)
+
+
+def test_sft_reports_examples_whose_prompt_fills_the_length(tiny_model_dir, tmp_path, caplog):
+    from prefalign.train.sft import SFTConfig, train
+
+    rows = [{"prompt": "word " * 40, "completion": "x"}] + [
+        {"prompt": "Hi", "completion": "Hello there."}
+    ] * 3
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = SFTConfig(
+        model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "run"), max_length=16, max_steps=1
+    )
+    with caplog.at_level(logging.WARNING):
+        summary = train(cfg)
+    assert "dropped 1 of 4 examples whose prompt fills max_length=16" in caplog.text
+    assert summary["dropped_examples"] == 1 and summary["train_examples"] == 3
