@@ -108,6 +108,19 @@ def test_gradient_accumulation_matches_one_big_batch(model_dir, pairs, tmp_path)
             torch.testing.assert_close(v, base_weights[k], rtol=1e-5, atol=1e-5)
 
 
+def test_gradient_accumulation_matches_one_big_batch_on_a_partial_batch(model_dir, tmp_path):
+    """13 pairs at 8 per step: step 2 holds the epoch's last 5 pairs, which 2 x 4 accumulation splits
+    into chunks of 2, 2 and 1 (and no fourth): each pair must still weigh 1/5."""
+    data = write_jsonl(tmp_path / "pairs13.jsonl", synthetic_pairs(13, seed=5))
+    for name, kw in {"2x4": dict(batch_size=2, grad_accum=4), "8x1": dict(batch_size=8)}.items():
+        train(config(model_dir, data, tmp_path / name, max_steps=2, lr=1e-4, **kw))
+    keys = ("loss", "grad_norm")
+    rows = {name: [[m[k] for k in keys] for m in read_metrics(tmp_path / name)] for name in ("2x4", "8x1")}
+    assert rows["2x4"] == [pytest.approx(r, abs=1e-5) for r in rows["8x1"]]
+    for k, v in final_weights(tmp_path / "8x1").items():
+        torch.testing.assert_close(final_weights(tmp_path / "2x4")[k], v, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_resumed_run_matches_uninterrupted_run(model_dir, pairs, tmp_path, monkeypatch, lora_r):
     kw = dict(max_steps=4, save_every=2, lr_schedule="linear", warmup_steps=1, lora_r=lora_r)
@@ -324,8 +337,33 @@ def test_two_processes_train_exactly_like_one(model_dir, pairs, tmp_path):
 
 
 def test_rpo_adds_the_chosen_per_token_nll(model_dir, pairs, tmp_path):
-    """With rpo_alpha a, the first loss is ln 2 + a * (mean per-token NLL of the chosen completions)."""
+    """With rpo_alpha a, the first loss is ln 2 + a * (mean over the step's pairs of the chosen
+    completion's per-token NLL), the NLL computed here with a plain unpacked forward of the starting
+    model (a sum-for-mean or wrong-token bug in the code's own ``nll/chosen`` would not match it)."""
+    from transformers import AutoTokenizer
+
+    from prefalign.data import encode_preferences, load_preferences
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    encoded = encode_preferences(tok, load_preferences(pairs), 64)
+    first_batch = next(loop.step_batches(len(encoded), 4, 0))
+    nlls = []
+    with torch.no_grad():
+        for i in first_batch:
+            prompt, chosen = encoded[i]["prompt_input_ids"], encoded[i]["chosen_input_ids"]
+            ids = torch.tensor([prompt + chosen])
+            logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+            nlls.append(-logps[-len(chosen) :].mean().item())
+    expected_nll = sum(nlls) / len(nlls)
     train(config(model_dir, pairs, tmp_path, max_steps=1, rpo_alpha=0.5))
     first = read_metrics(tmp_path)[0]
-    assert first["nll/chosen"] > 0
-    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll/chosen"], abs=1e-5)
+    assert first["nll/chosen"] == pytest.approx(expected_nll, abs=1e-5)
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * expected_nll, abs=1e-5)
+
+
+def test_the_logged_lr_is_the_rate_the_step_used(model_dir, pairs, tmp_path):
+    """Linear decay over 2 steps without warm-up: step 1 uses lr x 1, step 2 lr x (1 - 1/2). (It used to
+    be read after the scheduler's step: 5e-4, then 0.)"""
+    train(config(model_dir, pairs, tmp_path, max_steps=2, lr=1e-3, lr_schedule="linear"))
+    assert [m["lr"] for m in read_metrics(tmp_path)] == pytest.approx([1e-3, 5e-4])
