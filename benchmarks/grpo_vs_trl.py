@@ -1,0 +1,141 @@
+"""prefalign GRPO vs TRL's GRPOTrainer, side by side in one run, on the same weights, prompts and reward.
+
+Both sides: the bundled SmolLM2-135M-Instruct (float32), the movie-review prefixes of
+``shared/bench/trl_grpo.py`` as plain text (no chat template), the VADER sentiment reward, 8 prompts x 4
+generations per step, 32 completion tokens, temperature 1, lr 1e-6 with linear decay, beta 0.04 (so a
+reference model is kept), one pass per batch of samples, DAPO's token-level aggregation (TRL's default),
+no gradient checkpointing. TRL runs from its own virtual environment (``--peers``, default
+``~/.cache/peers``) so it never becomes a prefalign dependency.
+
+Each run is a fresh process, timed from start to exit (model loading included); peak RSS is that
+process tree's maximum resident set. Runs of the two sides are interleaved; the median whole-run time
+and the highest peak RSS of each side are compared (prefalign / TRL).
+
+Usage:
+    python benchmarks/grpo_vs_trl.py [--steps 8] [--beta 0.04] [--peers ~/.cache/peers] [--repeat 2]
+                                     [--model DIR] [--skip-trl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dpo_vs_trl import SHARED, measured, median_run  # noqa: E402
+
+TRL_SCRIPT = SHARED / "bench" / "trl_grpo.py"
+
+
+def trl_prompts() -> list[str]:
+    """The prompts trl_grpo.py trains on, read from its source (its subjects x verbs, shuffled by seed 0)."""
+    tree = ast.parse(TRL_SCRIPT.read_text())
+    lists = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id in ("subjects", "verbs")
+    }  # fmt: skip
+    prompts = [f"{s} {v}" for s in lists["subjects"] for v in lists["verbs"]]
+    random.Random(0).shuffle(prompts)
+    return prompts
+
+
+def run_trl(peers: Path, model_dir: Path, steps: int, beta: float) -> dict:
+    res = measured(
+        [str(peers / "bin" / "python"), str(TRL_SCRIPT), str(model_dir), str(steps), str(beta)],
+        env={**os.environ},
+    )
+    m = re.search(r"train_s=([\d.]+) steps=(\d+)", res["stdout"])
+    rewards = re.search(r"rewards \[([^\]]*)\]", res["stdout"])
+    res["train_s"], res["steps"] = float(m.group(1)), int(m.group(2))
+    values = [float(x) for x in rewards.group(1).split(",")] if rewards and rewards.group(1) else []
+    res["first_reward"], res["last_reward"] = (values[0], values[-1]) if values else (float("nan"),) * 2
+    return res
+
+
+def run_prefalign(
+    model_dir: Path, prompts: Path, out: Path, steps: int, beta: float, extra: list[str]
+) -> dict:
+    cmd = [
+        str(Path(sys.executable).with_name("prefalign")), "grpo", "--model", str(model_dir),
+        "--prompts", str(prompts), "--output", str(out), "--reward", "sentiment", "--raw",
+        "--iterations", str(steps), "--rollout-batch", "8", "--num-generations", "4",
+        "--response-length", "32", "--temperature", "1.0", "--lr", "1e-6", "--lr-schedule", "linear",
+        "--beta", str(beta), "--loss-type", "dapo", "--dtype", "float32", "--no-progress", *extra,
+    ]  # fmt: skip
+    res = measured(cmd)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [m for m in metrics if "objective/scores" in m]
+    res["train_s"] = sum(m["time/iteration"] for m in rows)
+    res["steps"] = json.loads((out / "summary.json").read_text())["steps"]
+    res["first_reward"], res["last_reward"] = rows[0]["objective/scores"], rows[-1]["objective/scores"]
+    return res
+
+
+VARIANTS = {"default": []}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=8, help="optimiser steps (8 prompts x 4 samples each)")
+    parser.add_argument(
+        "--beta", type=float, default=0.04, help="KL coefficient (> 0 keeps a reference model)"
+    )
+    parser.add_argument("--peers", type=Path, default=Path.home() / ".cache" / "peers")
+    parser.add_argument("--model", type=Path, default=None, help="HF folder (default: the bundled SmolLM2)")
+    parser.add_argument("--variants", default="default")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per side, interleaved; the median is reported"
+    )
+    parser.add_argument("--skip-trl", action="store_true", help="only run prefalign (no ratios)")
+    args = parser.parse_args()
+    if args.model is None:
+        from prefalign.models import fetch_builtin
+
+        args.model = fetch_builtin("smollm2")
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prompts = work / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in trl_prompts()))
+        for rep in range(args.repeat):
+            if not args.skip_trl:
+                runs.setdefault("trl", []).append(run_trl(args.peers, args.model, args.steps, args.beta))
+            for name in args.variants.split(","):
+                out = work / f"{name}-{rep}"
+                runs.setdefault(f"prefalign-{name}", []).append(
+                    run_prefalign(args.model, prompts, out, args.steps, args.beta, VARIANTS[name])
+                )
+    rows = {name: median_run(r) for name, r in runs.items()}
+    print(
+        f"{'run':<24}{'whole run s':>12}{'s/step':>9}{'peak RSS MB':>13}{'reward first->last':>20}  all runs (s)"
+    )
+    for name, r in rows.items():
+        trend = f"{r['first_reward']:.3f} -> {r['last_reward']:.3f}"
+        print(
+            f"{name:<24}{r['wall_s']:>12.1f}{r['train_s'] / r['steps']:>9.2f}{r['max_peak_rss_mb']:>13.0f}"
+            f"{trend:>20}  {r['all_wall_s']}"
+        )
+    if "trl" in rows:
+        trl = rows["trl"]
+        for name, r in rows.items():
+            if name != "trl":
+                print(
+                    f"{name}: time ratio {r['wall_s'] / trl['wall_s']:.2f}x, memory ratio "
+                    f"{r['max_peak_rss_mb'] / trl['max_peak_rss_mb']:.2f}x (prefalign / TRL; goal <= 0.4x and "
+                    f"<= 0.6x; medians of whole-run time, highest peak RSS)"
+                )
+
+
+if __name__ == "__main__":
+    main()
