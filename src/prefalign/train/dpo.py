@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, dpo_loss
-from prefalign.packing import pack_pairs, packed_logps, pair_tokens
 from prefalign.train.loop import (
     TrainConfig,
     check_run_folder,
@@ -104,6 +103,9 @@ def reference_pass(
         scorer: the reference model, or the policy itself (the reference before training starts, or,
             with ``adapter_off``, a LoRA policy's base weights).
     """
+    # packing is imported here, not at the top: building the parser (`--help`) must not import transformers
+    from prefalign.packing import pack_pairs, packed_logps, pair_tokens
+
     out = torch.zeros(len(examples), 2)
     items = list(enumerate(examples))
     groups = micro_batches(
@@ -144,6 +146,8 @@ class DPOObjective:
         self._batch_ref: dict[int, Tensor] = {}
 
     def example_tokens(self, example: dict[str, Any]) -> int:
+        from prefalign.packing import pair_tokens
+
         return pair_tokens(example)
 
     def prepare(self, examples: list[dict[str, Any]]) -> None:
@@ -165,6 +169,8 @@ class DPOObjective:
         return torch.stack([self._batch_ref[ex["index"]] for ex in examples]).reshape(-1)
 
     def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
+        from prefalign.packing import pack_pairs, packed_logps
+
         packed = pack_pairs(examples)
         policy = packed_logps(self.model, packed, self.config.average_logps)
         ref = self.reference_logps(examples)
@@ -269,9 +275,9 @@ def train(
     """
     from prefalign.models import load_tokenizer
 
+    check_run_folder(config)  # before any model is loaded
     seed_everything(config.seed)
     accelerator = make_accelerator()
-    check_run_folder(config)  # before any model is loaded
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     train_set, held = load_pairs(config, tokenizer)
     objective, eval_objective = build_objective(config, train_set, held, model, reference, accelerator.device)

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from prefalign.config import add_config_arguments, config_from_args
 from prefalign.losses import bradley_terry_loss
-from prefalign.packing import pack_pairs, packed_scores, pair_tokens
 from prefalign.train.loop import (
     TrainConfig,
     check_run_folder,
@@ -46,9 +45,14 @@ class RewardObjective:
         self.config = config
 
     def example_tokens(self, example: dict[str, Any]) -> int:
+        # packing is imported here, not at the top: building the parser (`--help`) must not import it
+        from prefalign.packing import pair_tokens
+
         return pair_tokens(example)
 
     def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
+        from prefalign.packing import pack_pairs, packed_scores
+
         scores = packed_scores(self.model, pack_pairs(examples))
         chosen, rejected = scores[0::2], scores[1::2]
         loss = bradley_terry_loss(chosen, rejected) * len(examples)
@@ -75,9 +79,9 @@ def train(
     """
     from prefalign.models import load_reward_model, load_tokenizer
 
+    check_run_folder(config)  # before any model is loaded
     seed_everything(config.seed)
     accelerator = make_accelerator()
-    check_run_folder(config)  # before any model is loaded
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     train_set, held = load_pairs(config, tokenizer)
     if model is None:

@@ -19,7 +19,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
-from prefalign.packing import pack_completions, packed_logps
 from prefalign.train.loop import (
     TrainConfig,
     check_run_folder,
@@ -51,6 +50,9 @@ class SFTObjective:
         return len(example["input_ids"])
 
     def loss(self, examples: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
+        # packing is imported here, not at the top: building the parser (`--help`) must not import it
+        from prefalign.packing import pack_completions, packed_logps
+
         packed = pack_completions(examples)
         mean_logps = packed_logps(self.model, packed, average=True)
         nll = -mean_logps
@@ -70,9 +72,9 @@ def train(
     from prefalign.data import encode_sft_examples, load_sft
     from prefalign.models import load_policy, load_tokenizer
 
+    check_run_folder(config)  # before any model is loaded
     seed_everything(config.seed)
     accelerator = make_accelerator()
-    check_run_folder(config)  # before any model is loaded
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     rows, held = split_rows(
         load_sft(config.data),
