@@ -121,9 +121,18 @@ def test_gradient_accumulation_matches_one_big_batch_on_a_partial_batch(model_di
         torch.testing.assert_close(final_weights(tmp_path / "2x4")[k], v, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_resumed_run_matches_uninterrupted_run(model_dir, pairs, tmp_path, monkeypatch, lora_r):
-    kw = dict(max_steps=4, save_every=2, lr_schedule="linear", warmup_steps=1, lora_r=lora_r)
+@pytest.mark.parametrize(("lora_r", "lora_dropout"), [(0, 0.0), (4, 0.0), (4, 0.3)])
+def test_resumed_run_matches_uninterrupted_run(model_dir, pairs, tmp_path, monkeypatch, lora_r, lora_dropout):
+    """Also with LoRA dropout, where the resumed run must restore the random generators to draw the same
+    dropout masks."""
+    kw = dict(
+        max_steps=4,
+        save_every=2,
+        lr_schedule="linear",
+        warmup_steps=1,
+        lora_r=lora_r,
+        lora_dropout=lora_dropout,
+    )
     train(config(model_dir, pairs, tmp_path / "full", **kw))
 
     real_step = loop._one_step

@@ -361,6 +361,14 @@ def test_entropy_of_uniform_is_log_v():
     assert entropy_from_logits(torch.zeros(2, 8)).tolist() == pytest.approx([math.log(8)] * 2)
 
 
+def test_entropy_on_random_logits_matches_torch_categorical():
+    """Uniform logits cannot tell -sum p log p from, say, log V; random ones (large, so some
+    probabilities underflow to 0) can."""
+    logits = torch.randn(3, 5, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 8
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(entropy_from_logits(logits), expected)
+
+
 # ---------------------------------------------------------------- KL estimators
 
 
