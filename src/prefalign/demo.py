@@ -87,7 +87,7 @@ class DemoConfig:
     """Train prompts whose sampled continuations the --sft step trains on."""
     sft_lr: float = 1e-5
     """Learning rate of the --sft step."""
-    preference_prompts: int = 96
+    preference_prompts: int = 160
     """Train prompts sampled for preferences (0: all of the train split)."""
     samples_per_prompt: int = 4
     """Samples per preference prompt from the reference; every pair of them becomes a preference."""
@@ -95,19 +95,19 @@ class DemoConfig:
     """Preference prompts whose pairs are held out (reward-model accuracy, DPO validation)."""
     batch_size: int = 16
     """Pairs (DPO, reward model) or demonstrations (Preferred-FT) per optimiser step."""
-    pft_lr: float = 2e-6
+    pft_lr: float = 2e-5
     """Preferred-FT learning rate."""
-    pft_epochs: float = 1.0
+    pft_epochs: float = 2.0
     """Preferred-FT passes over the chosen completions."""
     dpo_beta: float = 0.1
     """DPO's beta (KL strength) of the main DPO run."""
-    dpo_lr: float = 3e-6
+    dpo_lr: float = 6e-5
     """DPO learning rate."""
-    dpo_epochs: float = 2.0
+    dpo_epochs: float = 1.0
     """DPO passes over the training pairs."""
     dpo_betas: list[float] = field(default_factory=lambda: [0.05, 1.0, 5.0])
     """Further betas of the dpo-sweep method (the paper sweeps 0.05, 0.1, 1, 5)."""
-    rm_lr: float = 1e-5
+    rm_lr: float = 2e-5
     """Reward-model learning rate."""
     rm_epochs: float = 1.0
     """Reward-model passes over the training pairs."""
@@ -115,8 +115,12 @@ class DemoConfig:
     """PPO iterations (each samples ppo_rollout_batch train prompts, then updates)."""
     ppo_rollout_batch: int = 16
     """Prompts sampled per PPO iteration."""
-    ppo_lr: float = 3e-6
+    ppo_lr: float = 2e-5
     """PPO learning rate."""
+    ppo_epochs: int = 2
+    """PPO passes over each iteration's rollouts."""
+    ppo_minibatches: int = 2
+    """PPO minibatches per pass (one optimiser step each)."""
     ppo_kl_coef: float = 0.05
     """PPO's KL penalty coefficient (its start value when a target KL is set)."""
     ppo_target_kl: float | None = None
@@ -767,7 +771,9 @@ class Demo:
 
     def ppo(self, name: str, prefs: dict[str, Any], target_kl: float | None, learned: bool) -> None:
         """PPO against the learned reward model (RLHF) or, for ppo-gt, against the ground truth itself."""
-        options = {"target_kl": target_kl, "shared_value_head": self.config.ppo_shared_value_head}
+        c = self.config
+        options = {"target_kl": target_kl, "shared_value_head": c.ppo_shared_value_head}
+        options |= {"ppo_epochs": c.ppo_epochs, "minibatches": c.ppo_minibatches}
         self.online(name, "ppo", prefs, learned, options)
 
     def online(
