@@ -98,6 +98,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "processor": _cpu_name(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "torch_threads": _torch_threads(),
         "device": device,
         "packages": versions,
     }
@@ -106,6 +107,12 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _cpu_name() -> str:
@@ -185,8 +192,11 @@ def frontier_plot(points: Sequence[dict[str, Any]]) -> bytes:
     for p in points:
         by_method.setdefault(p["method"], []).append(p)
     colours = plt.get_cmap("tab10")
+    start = by_method.get("reference", [])[:1]
     for i, (method, pts) in enumerate(by_method.items()):
         pts = sorted(pts, key=lambda p: p.get("step", 0))
+        if method != "reference" and pts[0].get("step", 0) > 0:
+            pts = start + pts  # training starts at the reference
         label = METHOD_LABELS.get(method, method)
         if method == "reference":
             ax.scatter([p["kl"] for p in pts], [p["reward"] for p in pts], marker="*", s=160, color="black",
@@ -197,7 +207,7 @@ def frontier_plot(points: Sequence[dict[str, Any]]) -> bytes:
         )
     ax.set_xlabel("sequence KL(pi || pi_ref), nats (mean over test prompts)")
     ax.set_ylabel("mean reward (VADER compound)")
-    ax.set_title("Reward vs KL along training")
+    ax.set_title("Reward vs KL along training (lines start at the reference)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     png = _figure_png(fig)
@@ -333,7 +343,14 @@ def _facts(summary: dict[str, Any]) -> list[str]:
             f"Reward model held-out accuracy: {rm['heldout_accuracy']:.3f} on {rm['heldout_pairs']} pairs "
             f"of prompts it never saw (training accuracy of the last batch {rm['train_accuracy']:.3f})."
         )
-    facts.append(f"Total wall time {summary['wall_s']:.0f} s on {summary['environment']['device']}.")
+    if any(m["method"].startswith("best-of-") for m in summary["methods"]):
+        facts.append(
+            "Best-of-N's KL is the analytic log N - (N-1)/N; its own log-probabilities are intractable."
+        )
+    facts.append(
+        f"Total wall time {summary['wall_s']:.0f} s on {summary['environment']['device']} "
+        f"({summary['environment']['torch_threads']} torch threads); phase timings below."
+    )
     return facts
 
 
