@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 METHOD_LABELS = {
-    "reference": "reference (SmolLM2 as is)",
+    "reference": "reference (pi_ref)",
     "preferred-ft": "Preferred-FT",
     "dpo": "DPO",
     "ppo": "RLHF-PPO (learned reward)",

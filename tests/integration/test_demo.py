@@ -161,6 +161,20 @@ def test_rerun_skips_complete_phases_and_a_changed_setting_reruns_what_depends_o
     assert _summary(run)["config"]["dpo_lr"] == 0.002
 
 
+def test_sft_step_becomes_the_reference(tmp_path):
+    """With --sft the model is first fine-tuned on its own continuations; that model is the reference the
+    preferences are sampled from and DPO starts from."""
+    import yaml
+
+    run = tmp_path / "run"
+    args = ["demo", "--preset", "smoke", "--output", str(run), "--no-progress", "--sft", "--methods", "dpo"]
+    assert main(args) == 0
+    assert (run / "runs" / "sft" / "model.safetensors").is_file()
+    dpo_config = yaml.safe_load((run / "runs" / "dpo" / "config.yaml").read_text())
+    assert dpo_config["model"] == str(run / "runs" / "sft")
+    assert [m["method"] for m in _summary(run)["methods"]] == ["reference", "dpo"]
+
+
 def test_presets_and_flags():
     frontier = config_for_preset("frontier")
     assert {"dpo-sweep", "ppo-gt", "ppo-kl-sweep", "best-of-n"} <= set(frontier.methods)
