@@ -297,7 +297,8 @@ INTRO = (
     "Bradley-Terry reward model on the same pairs, then PPO against it with a KL penalty) all learn from "
     "them. Each method is evaluated on held-out test prompts at several points of its training: mean reward "
     "and mean sequence-level KL(pi || pi_ref), the sum over the response tokens of the log-ratio of samples "
-    "drawn from pi (temperature 1, fixed seed)."
+    "drawn from pi (temperature 1, fixed seed): an unbiased single-sample estimate, so a policy that has "
+    "barely moved can show a slightly negative mean."
 )
 
 
