@@ -160,3 +160,28 @@ def test_a_crafted_state_file_is_not_unpickled(tiny_model_dir, pairs, tmp_path):
     with pytest.raises(ConfigError, match="step-1/state.pt: holds more than tensors"):
         train(config(tiny_model_dir, pairs, out, max_steps=2, resume=True))
     assert not marker.exists()
+
+
+def test_a_checkpoint_saved_in_shards_is_resumed_through_its_index(tmp_path):
+    """Large models are saved as model-0000k-of-0000n.safetensors plus an index; resuming reads them all."""
+    import functools
+
+    import torch
+
+    from prefalign.testing import tiny_causal_lm, tiny_tokenizer
+
+    def parts(seed):
+        model = tiny_causal_lm(tokenizer=tiny_tokenizer(), hidden_size=64, seed=seed)
+        optimizer = loop.make_optimizer(list(model.parameters()), config("m", "d", tmp_path))
+        return model, optimizer, loop.make_scheduler(optimizer, config("m", "d", tmp_path), 10)
+
+    model, optimizer, scheduler = parts(0)
+    model.save_pretrained = functools.partial(model.save_pretrained, max_shard_size="100KB")
+    folder = tmp_path / "checkpoints" / "step-3"
+    loop.save_checkpoint(folder, model, optimizer, scheduler, {"step": 3})
+    assert not (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    fresh, optimizer, scheduler = parts(1)
+    assert loop.load_checkpoint(folder, fresh, optimizer, scheduler) == {"step": 3}
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], value, rtol=0, atol=0)

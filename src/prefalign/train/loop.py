@@ -509,13 +509,15 @@ def save_checkpoint(
     tokenizer: Any = None,
     config: Any = None,
     extra: dict[str, nn.Module] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write a resumable checkpoint atomically (a temporary folder, then one rename).
 
     The folder is a Hugging Face model folder (``from_pretrained`` loads it; for a LoRA model it holds the
     adapter), plus the tokenizer, the resolved ``config.yaml``, ``state.pt`` (optimiser and scheduler
     state: tensors and plain values only, loaded with ``weights_only=True``), ``rng.json`` (every random
-    generator's state), ``trainer_state.json`` and ``manifest.json`` (size and SHA-256 of each file,
+    generator's state, one entry per process: ``rng_states`` as gathered from all processes, by default
+    this process's own), ``trainer_state.json`` and ``manifest.json`` (size and SHA-256 of each file,
     written last). LoRA checkpoints also keep ``trainable.safetensors``, the trainable weights under their
     in-memory names, which is what resuming reads. Each ``extra`` module (e.g. PPO's critic) is saved as
     ``<name>.safetensors``.
@@ -538,7 +540,7 @@ def save_checkpoint(
     if config is not None:
         save_config(config, tmp / "config.yaml")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
-    (tmp / "rng.json").write_text(json.dumps(_rng_state()))
+    (tmp / "rng.json").write_text(json.dumps({"processes": rng_states or [_rng_state()]}))
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
@@ -615,8 +617,7 @@ def load_checkpoint(
     for name, module in (extra or {}).items():
         module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
 
-    lora_weights = folder / "trainable.safetensors"
-    weights = load_file(str(lora_weights if lora_weights.exists() else folder / "model.safetensors"))
+    weights = _checkpoint_weights(folder)
     missing = set(trainable_state(model)) - set(weights)
     if missing:
         raise ConfigError(
@@ -632,8 +633,33 @@ def load_checkpoint(
         ) from None
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    _set_rng_state(json.loads((folder / "rng.json").read_text()))
+    states = json.loads((folder / "rng.json").read_text())["processes"]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank >= len(states):
+        log.warning(
+            "%s: saved by %d process(es); process %d starts from process 0's RNG", folder, len(states), rank
+        )
+    _set_rng_state(states[rank if rank < len(states) else 0])
     return json.loads((folder / "trainer_state.json").read_text())
+
+
+def _checkpoint_weights(folder: Path) -> dict[str, Tensor]:
+    """The trainable weights of a checkpoint: LoRA's ``trainable.safetensors``, else the model's
+    ``model.safetensors`` or, for a model saved in shards, every shard its index names."""
+    from safetensors.torch import load_file
+
+    lora = folder / "trainable.safetensors"
+    if lora.exists():
+        return load_file(str(lora))
+    if (folder / "model.safetensors").exists():
+        return load_file(str(folder / "model.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        raise ConfigError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
+    weights: dict[str, Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        weights.update(load_file(str(folder / shard)))
+    return weights
 
 
 def prune_checkpoints(output: Path, keep: int) -> None:
@@ -957,6 +983,11 @@ def train_loop(
 
 def _save(run: _Run) -> None:
     """Checkpoint the run at its current step (main process writes; every process waits for it)."""
+    rng_states = [_rng_state()]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object(rng_states)  # every process's generators, in process order
     if run.accelerator.is_main_process:
         save_checkpoint(
             run.output / "checkpoints" / f"step-{run.state['step']}",
@@ -966,6 +997,7 @@ def _save(run: _Run) -> None:
             run.state,
             run.tokenizer,
             run.config,
+            rng_states=rng_states,
         )
         prune_checkpoints(run.output, run.config.keep_checkpoints)
     run.saved_step = run.state["step"]
