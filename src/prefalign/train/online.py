@@ -572,6 +572,38 @@ def rollout_for(
     }
 
 
+def sample_iteration(run: OnlineRun, it: int, repeats: int = 1) -> tuple[Rollout, dict[str, float]]:
+    """This process's share of iteration ``it``'s prompts, each ``repeats`` times in a row (a group),
+    sampled with the iteration's seed, scored and re-scored under the reference."""
+    config, acc = run.config, run.accelerator
+    ids, texts = run.prompts
+    chosen = iteration_prompts(len(ids), config.rollout_batch, config.seed, it)
+    mine = [i for i in chosen[acc.process_index :: acc.num_processes] for _ in range(repeats)]
+    seed = (config.seed * 1_000_003 + it) * 64 + acc.process_index
+    return rollout_for(run, [ids[i] for i in mine], [texts[i] for i in mine], seed, for_update=True)
+
+
+def sample_means(run: OnlineRun, rollout: Rollout, sums: dict[str, Tensor]) -> dict[str, float]:
+    """Means over every process's samples of per-sample sums (one all-reduce), and the token-level mean
+    ``objective/entropy`` of the sampling distribution."""
+    mask = rollout.mask
+    totals = global_sum(
+        run.accelerator,
+        float(len(rollout)),
+        float(mask.sum()),
+        float((rollout.entropy * mask).sum()),
+        *(float(v) for v in sums.values()),
+    )
+    n, tokens, entropy = totals[:3]
+    out = {k: v / n for k, v in zip(sums, totals[3:], strict=True)}
+    return {**out, "objective/entropy": entropy / max(tokens, 1.0)}
+
+
+def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each statistic over the minibatch rows of an update."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
 def evaluate(run: OnlineRun) -> dict[str, float]:
     """Mean score and sequence KL to the reference on the held-out prompts (fixed sampling seed)."""
     ids, texts = run.eval_prompts
@@ -682,6 +714,9 @@ def train_run(run: OnlineRun, callback: Any = None) -> dict[str, Any]:
     writer = MetricsWriter(
         output, config.report_to, config=config_to_dict(config), append=resumed, enabled=main
     )
+    start_eval = {} if resumed else evaluate(run)  # the starting policy's held-out score: the baseline
+    if start_eval:
+        writer.write(0, start_eval)
     last = _iterate(run, writer, callback)
     final_eval = evaluate(run)
     if final_eval:
@@ -695,6 +730,7 @@ def train_run(run: OnlineRun, callback: Any = None) -> dict[str, Any]:
         "eval_prompts": len(run.eval_prompts[0]),
         "final": last,
         "eval": final_eval,
+        "eval_start": start_eval,
         "wall_s": round(time.perf_counter() - start, 3),
         "settings": config_to_dict(config),
     }
