@@ -59,6 +59,43 @@ def test_sigint_saves_a_checkpoint_then_exits_130(tiny_model_dir, pairs, tmp_pat
     assert [m["step"] for m in read_metrics(out)] == list(range(1, step + 2))
 
 
+def test_sigkill_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(
+    tiny_model_dir, pairs, tmp_path
+):
+    """Killed outright (no chance to save) after a few steps with --save-every 1, then resumed to step n:
+    the weights equal, to the bit, those of a run that went to n in one go (and no metric row repeats)."""
+    from safetensors.torch import load_file
+
+    killed = tmp_path / "killed"
+    common = ["--model", str(tiny_model_dir), "--data", str(pairs), "--max-length", "64", "--batch-size", "4"]
+    common += ["--no-progress", "--save-every", "1", "--lr", "1e-3", "--lr-schedule", "constant"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefalign", "dpo", *common, "--output", str(killed), "--max-steps", "100000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+
+    def newest_step():
+        found = checkpoint_folders(killed)
+        return int(found[-1].name.split("-")[1]) if found else 0
+
+    while newest_step() < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    n = int(latest_checkpoint(killed).name.split("-")[1]) + 2
+    assert main(["dpo", *common, "--output", str(killed), "--max-steps", str(n), "--resume"]) == 0
+    assert main(["dpo", *common, "--output", str(tmp_path / "straight"), "--max-steps", str(n)]) == 0
+    a, b = (
+        load_file(str(killed / "model.safetensors")),
+        load_file(str(tmp_path / "straight" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert [m["step"] for m in read_metrics(killed)] == list(range(1, n + 1))
+
+
 def config(model_dir, pairs, out, **kw):
     base = dict(model=str(model_dir), data=str(pairs), output=str(out), max_length=64, batch_size=4)
     return DPOConfig(**{**base, "progress": False, **kw})
