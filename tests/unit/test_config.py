@@ -65,3 +65,10 @@ def test_config_mistakes_are_named(tmp_path, text, message):
 def test_example_config_is_valid():
     cfg = build_config(DPOConfig, REPO / "configs" / "dpo.yaml", {"data": "x.jsonl", "output": "runs/x"})
     assert cfg.model == "smollm2" and cfg.loss_type == "sigmoid"
+
+
+def test_example_ppo_config_is_valid():
+    from prefalign.train.ppo import PPOConfig
+
+    cfg = build_config(PPOConfig, REPO / "configs" / "ppo.yaml", {"prompts": "p.jsonl", "output": "runs/x"})
+    assert cfg.reward == "sentiment" and cfg.raw and cfg.shared_value_head and cfg.iterations == 30
