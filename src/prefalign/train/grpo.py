@@ -182,21 +182,14 @@ def update(run: GroupRun, rollout: online.Rollout, batch: dict[str, Tensor], it:
             loss_of = lambda r, w=weight: run.micro_loss(rollout, r, batch, w)  # noqa: E731
             stats = online.optimizer_step(run, micros, loss_of, 1.0, run.stat_norm(seqs, tokens))
             run.minibatch_stats.append(stats)
-    keys = run.minibatch_stats[0].keys()
-    return {k: sum(r[k] for r in run.minibatch_stats) / len(run.minibatch_stats) for k in keys}
+    return online.mean_stats(run.minibatch_stats)
 
 
 def run_iteration(run: GroupRun, it: int) -> dict[str, float]:
     """One iteration (0-based ``it``): sample groups, score, advantages, update; returns its metrics."""
     config, acc = run.config, run.accelerator
     start = time.perf_counter()
-    ids, texts = run.prompts
-    chosen = online.iteration_prompts(len(ids), config.rollout_batch, config.seed, it)
-    mine = [i for i in chosen[acc.process_index :: acc.num_processes] for _ in range(config.num_generations)]
-    seed = (config.seed * 1_000_003 + it) * 64 + acc.process_index
-    rollout, timing = online.rollout_for(
-        run, [ids[i] for i in mine], [texts[i] for i in mine], seed, for_update=True
-    )
+    rollout, timing = online.sample_iteration(run, it, config.num_generations)
     t0 = time.perf_counter()
     if config.recompute_logprobs:
         first = online.minibatch_plan(len(rollout), config.minibatches, config.seed, it, 0)
@@ -235,22 +228,11 @@ def group_metrics(run: GroupRun, rollout: online.Rollout, rewards: Tensor) -> di
         "objective/kl": ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(),
         "completions/mean_length": mask.sum(),
         "completions/clipped_ratio": (~rollout.out.finished).float().sum(),
+        # per-group figures, times the group size: their means over samples are means over groups
+        "reward_std": groups.std(-1).sum() * g,
+        "frac_reward_zero_std": (groups.max(-1).values == groups.min(-1).values).float().sum() * g,
     }
-    group_sums = {
-        "reward_std": groups.std(-1).sum(),
-        "frac_reward_zero_std": (groups.max(-1).values == groups.min(-1).values).float().sum(),
-    }
-    totals = online.global_sum(
-        run.accelerator,
-        float(len(rollout)),
-        float(mask.sum()),
-        float((rollout.entropy * mask).sum()),
-        *(float(v) for v in [*sums.values(), *group_sums.values()]),
-    )
-    n, tokens, entropy = totals[:3]
-    out = {k: v / n for k, v in zip(sums, totals[3 : 3 + len(sums)], strict=True)}
-    out.update({k: v / (n / g) for k, v in zip(group_sums, totals[3 + len(sums) :], strict=True)})
-    return {**out, "objective/entropy": entropy / max(tokens, 1.0), "kl_coef": run.config.kl_coef}
+    return {**online.sample_means(run, rollout, sums), "kl_coef": run.config.kl_coef}
 
 
 # --------------------------------------------------------------------------------------------------

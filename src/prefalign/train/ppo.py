@@ -201,21 +201,14 @@ def update(
                     run, micros, lambda rows: micro_loss(run, rollout, rows, batch), scale, tokens
                 )
             )
-    keys = run.minibatch_stats[0].keys()
-    return {k: sum(r[k] for r in run.minibatch_stats) / len(run.minibatch_stats) for k in keys}
+    return online.mean_stats(run.minibatch_stats)
 
 
 def run_iteration(run: PPORun, it: int) -> dict[str, float]:
     """One PPO iteration (0-based ``it``): rollout, old pass, advantages, update; returns its metrics."""
     config, acc = run.config, run.accelerator
     start = time.perf_counter()
-    ids, texts = run.prompts
-    chosen = online.iteration_prompts(len(ids), config.rollout_batch, config.seed, it)
-    mine = chosen[acc.process_index :: acc.num_processes]
-    seed = (config.seed * 1_000_003 + it) * 64 + acc.process_index
-    rollout, timing = online.rollout_for(
-        run, [ids[i] for i in mine], [texts[i] for i in mine], seed, for_update=True
-    )
+    rollout, timing = online.sample_iteration(run, it)
     t0 = time.perf_counter()
     first = [
         online.micro_plan(rollout, rows, config.micro_batch_tokens)
@@ -262,16 +255,7 @@ def rollout_metrics(run: PPORun, rollout: online.Rollout, kl: Tensor, kl_coef: f
         "response_length": mask.sum(),
         "eos_rate": rollout.out.finished.float().sum(),
     }
-    totals = online.global_sum(
-        run.accelerator,
-        float(len(rollout)),
-        float(mask.sum()),
-        float((rollout.entropy * mask).sum()),
-        *(float(v) for v in sums.values()),
-    )
-    n, tokens, entropy = totals[:3]
-    out = {k: v / n for k, v in zip(sums, totals[3:], strict=True)}
-    return {**out, "objective/entropy": entropy / max(tokens, 1.0), "kl_coef": kl_coef}
+    return {**online.sample_means(run, rollout, sums), "kl_coef": kl_coef}
 
 
 # --------------------------------------------------------------------------------------------------
