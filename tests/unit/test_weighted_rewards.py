@@ -49,3 +49,18 @@ def test_reward_options_are_checked():
                    reward_weights=[1, 2, 3])  # fmt: skip
     with pytest.raises(ConfigError, match="num_generations"):
         GRPOConfig(model="m", prompts="p", output="o", reward=["sentiment"], num_generations=1)
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_the_example_configs_load(name):
+    from pathlib import Path
+
+    from prefalign.config import build_config
+    from prefalign.train.rloo import RLOOConfig
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    cls = GRPOConfig if name == "grpo" else RLOOConfig
+    config = build_config(cls, path, {"prompts": "p.jsonl", "output": "runs/x"})
+    assert config.reward == ["sentiment"]
+    assert config.num_generations == 4
+    assert config.kl_coef == (0.04 if name == "grpo" else 0.05)
