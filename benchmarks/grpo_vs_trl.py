@@ -3,7 +3,8 @@
 Both sides: the bundled SmolLM2-135M-Instruct (float32), the movie-review prefixes of
 ``shared/bench/trl_grpo.py`` as plain text (no chat template), the VADER sentiment reward, 8 prompts x 4
 generations per step, 32 completion tokens, temperature 1, lr 1e-6 with linear decay, beta 0.04 (so a
-reference model is kept), one pass per batch of samples, DAPO's token-level aggregation (TRL's default),
+reference model is kept), one pass per batch of samples, DAPO's token-level aggregation (given explicitly to prefalign; TRL's
+default ``loss_type`` in recent versions: check the installed TRL's ``GRPOConfig().loss_type``),
 no gradient checkpointing. TRL runs from its own virtual environment (``--peers``, default
 ``~/.cache/peers``) so it never becomes a prefalign dependency.
 
