@@ -52,7 +52,7 @@ docs: lecture
 PEERS ?= $(HOME)/.cache/peers
 peers:
 	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/pip install -q torch==2.13.0 trl gguf datasets stable-baselines3 gymnasium
+	$(PEERS)/bin/pip install -q torch==2.13.0 trl gguf datasets stable-baselines3 gymnasium vaderSentiment
 
 bench: setup peers
 	$(BIN)/python benchmarks/dpo_vs_trl.py --peers $(PEERS)
