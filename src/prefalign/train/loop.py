@@ -725,7 +725,7 @@ def check_run_folder(config: TrainConfig) -> Path | None:
             )
         return ckpt
     held = [name for name in RUN_FILES if (output / name).exists()]
-    if held and not config.overwrite:
+    if held and not getattr(config, "overwrite", False):  # (any config with output/resume/report_to works)
         raise ConfigError(
             f"{output} already holds a run ({', '.join(held)}): pass --resume to continue it, "
             "--overwrite to replace it, or another --output"
