@@ -189,3 +189,17 @@ def test_a_broken_reward_stops_the_cli_with_one_line_and_status_2(on_path, tiny_
     last = result.stderr.strip().splitlines()[-1]
     assert last == "prefalign ppo: error: reward ppo_rewards:wrong_count: returned 1 scores for 4 completions"
     assert "Traceback" not in result.stderr
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(on_path, tiny_model_dir):
+    """A second run into the same --output is refused before any model loads; --overwrite replaces the
+    run; --resume with other settings than the iteration budget names them."""
+    from prefalign.config import ConfigError
+
+    train(config(on_path, tiny_model_dir, "reuse", iterations=1))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config(on_path, tiny_model_dir, "reuse", iterations=1))
+    with pytest.raises(ConfigError, match="kl_coef"):
+        train(config(on_path, tiny_model_dir, "reuse", iterations=2, resume=True, kl_coef=0.5))
+    train(config(on_path, tiny_model_dir, "reuse", iterations=2, overwrite=True))
+    assert [r["step"] for r in read_metrics(on_path / "reuse") if "kl_coef" in r] == [1, 2]

@@ -690,7 +690,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "ten
 """What a run leaves in its folder: a folder holding any of these holds a run."""
 
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "epochs", "resume", "overwrite", "skip_nonfinite", "progress", "report_to"}
+    {"max_steps", "epochs", "iterations", "resume", "overwrite", "skip_nonfinite", "progress", "report_to"}
     | {"save_every", "keep_checkpoints"}
 )
 """Options a resumed run may change: the step budget, and how the run is shown and saved (nothing that

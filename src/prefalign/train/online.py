@@ -105,7 +105,9 @@ class OnlineConfig:
     keep_checkpoints: int = 2
     """How many checkpoints to keep (older ones are deleted)."""
     resume: bool = False
-    """Continue from the latest checkpoint in --output."""
+    """Continue from the latest checkpoint in --output (only the step budget, --iterations or --epochs, may change)."""
+    overwrite: bool = False
+    """Replace the run already in --output (its checkpoints, metrics and summary) instead of refusing to."""
     seed: int = 0
     """Seed for prompt order, sampling, minibatch order and new heads."""
     dtype: str = "float32"
@@ -512,10 +514,21 @@ class OnlineRun:
 def prepare(config: OnlineConfig, tokenizer: Any = None) -> tuple[Any, Any, tuple, tuple]:
     """Seed, make the accelerator and the tokenizer, load and encode the training and held-out prompts:
     ``(accelerator, tokenizer, (ids, texts), (eval_ids, eval_texts))``."""
+    from pathlib import Path
+
     from prefalign.data import load_prompts
     from prefalign.models import load_tokenizer
-    from prefalign.train.loop import make_accelerator, seed_everything, split_rows
+    from prefalign.train.loop import (
+        check_run_folder,
+        clear_run,
+        make_accelerator,
+        seed_everything,
+        split_rows,
+    )
 
+    check_run_folder(config)  # before anything is loaded: a folder holding a run needs --resume/--overwrite
+    if config.overwrite and not config.resume:
+        clear_run(Path(config.output))
     seed_everything(config.seed)
     acc = make_accelerator()
     if config.rollout_batch % acc.num_processes:
@@ -678,7 +691,7 @@ def resume(run: OnlineRun) -> bool:
     import logging
     from pathlib import Path
 
-    from prefalign.train.loop import latest_checkpoint, load_checkpoint
+    from prefalign.train.loop import latest_checkpoint, load_checkpoint, truncate_metrics
 
     log = logging.getLogger(__name__)
     ckpt = latest_checkpoint(Path(run.config.output)) if run.config.resume else None
@@ -689,6 +702,7 @@ def resume(run: OnlineRun) -> bool:
     extra = run.extra_modules()
     run.state = load_checkpoint(ckpt, run.unwrapped.policy, run.optimizer, run.scheduler, extra=extra)
     run.after_resume()
+    truncate_metrics(Path(run.config.output), run.state["step"])  # rows past the checkpoint were redone
     log.info("resumed from %s (iteration %d)", ckpt, run.state["step"])
     return True
 
