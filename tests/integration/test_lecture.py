@@ -21,8 +21,9 @@ FAST = [
     "04_value_function_approximation.py",
     "05_policy_gradient_to_ppo.py",
     "07_dpo_tabular.py",
+    "09_demo.py",
 ]
-SLOW = ["08_dpo_smollm2.py"]
+SLOW = ["06_rlhf_ppo.py", "08_dpo_smollm2.py"]
 
 
 def run_chapter(chapter: str, workdir: Path, timeout: float) -> list[Path]:

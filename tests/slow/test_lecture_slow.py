@@ -13,7 +13,7 @@ import pytest
 LECTURE = Path(__file__).resolve().parents[2] / "docs" / "lecture"
 
 
-@pytest.mark.parametrize("chapter", ["08_dpo_smollm2.py"])
+@pytest.mark.parametrize("chapter", ["06_rlhf_ppo.py", "08_dpo_smollm2.py"])
 def test_smollm2_chapter_runs_as_a_script_and_draws_its_figures(chapter, tmp_path):
     """Chapter 8 asserts its own numbers: first DPO loss ln 2 with zero rewards, held-out implicit-reward
     accuracy above 0.8, and per-pair implicit rewards whose mean margin equals the trainer's."""
