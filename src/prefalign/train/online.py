@@ -68,8 +68,6 @@ class OnlineConfig:
     """Subtracted from the score of a response that never ends (hits --response-length)."""
     kl_coef: float = 0.05
     """Weight of the KL penalty to the reference (initial value under --target-kl)."""
-    kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: k1 (log-ratio), k2 or k3."""
     ppo_epochs: int = 4
     """Passes over each iteration's samples."""
     recompute_logprobs: bool = False
@@ -130,7 +128,6 @@ class OnlineConfig:
             (self.response_length >= 1, f"response_length must be >= 1, got {self.response_length}"),
             (0 < self.temperature < math.inf, f"temperature must be > 0, got {self.temperature}"),
             (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
-            (self.kl_estimator in KL_ESTIMATORS, f"kl_estimator must be one of {tuple(KL_ESTIMATORS)}"),
             (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
             (1 <= self.minibatches <= self.rollout_batch, f"minibatches must be in [1, rollout_batch], got {self.minibatches}"),
             (0 < self.lr < math.inf, f"lr must be > 0 and finite, got {self.lr}"),

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 class PPOConfig(online.OnlineConfig):
     """RLHF with PPO: a reward (model, VADER or your function) minus a KL penalty to the reference."""
 
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 (log-ratio), k2 or k3 (GRPO always uses k3, RLOO k1)."""
     value_model: str | None = None
     """Critic to start from (default: the reward model when there is one, else the policy), a separate model."""
     shared_value_head: bool = False
@@ -65,6 +67,7 @@ class PPOConfig(online.OnlineConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         checks = [
+            (self.kl_estimator in KL_ESTIMATORS, f"kl_estimator must be one of {tuple(KL_ESTIMATORS)}"),
             (self.target_kl is None or self.target_kl > 0, f"target_kl must be > 0, got {self.target_kl}"),
             (self.kl_horizon >= 1, f"kl_horizon must be >= 1, got {self.kl_horizon}"),
             (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]"),
