@@ -107,7 +107,7 @@ class DemoConfig:
     """DPO passes over the training pairs."""
     dpo_betas: list[float] = field(default_factory=lambda: [0.05, 1.0, 5.0])
     """Further betas of the dpo-sweep method (the paper sweeps 0.05, 0.1, 1, 5)."""
-    rm_lr: float = 2e-5
+    rm_lr: float = 1e-4
     """Reward-model learning rate."""
     rm_epochs: float = 1.0
     """Reward-model passes over the training pairs."""
