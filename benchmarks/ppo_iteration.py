@@ -25,7 +25,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +57,7 @@ def run_plain(python: str, model_dir: Path, iterations: int, lr: float) -> dict:
 
 
 def run_ours(workdir: Path, iterations: int, lr: float) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
     prompts = workdir / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in train_prompts()))
     out = workdir / "ours"
@@ -123,7 +123,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
             plain.append(run_plain(args.python, model_dir, args.iterations, args.lr))
+            print(f"plain: {plain[-1]['per_iter']:.2f} s/iter, peak {plain[-1]['peak_rss_mb']:.0f} MB", flush=True)
             ours.append(run_ours(Path(tmp) / f"r{r}", args.iterations, args.lr))
+            print(f"prefalign: {ours[-1]['per_iter']:.2f} s/iter, peak {ours[-1]['peak_rss_mb']:.0f} MB", flush=True)
     speed = sampler_speed()
     med = lambda runs, k: statistics.median(x[k] for x in runs)  # noqa: E731
     print(f"{'':10} {'s/iter':>8} {'generate':>9} {'update':>8} {'other':>7} {'peak MB':>8}")
