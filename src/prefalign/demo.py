@@ -178,6 +178,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         "pft_epochs": 3.0,
         "sft_lr": 1e-3,
         "dpo_lr": 1e-3,
+        "dpo_epochs": 1.0,
         "rm_lr": 1e-3,
         "ppo_lr": 1e-4,
         "ppo_iterations": 3,
