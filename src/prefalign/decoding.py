@@ -42,6 +42,13 @@ def lean_supported(model: Any) -> bool:
     return all(hasattr(attn, p) for p in parts) and not hasattr(attn, "q_norm")
 
 
+def forward_kwargs(model: Any) -> tuple[str, bool]:
+    """The KV-cache keyword of this transformers version and whether ``logits_to_keep`` is accepted."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -120,10 +127,8 @@ class HFStepper:
         self.key_mask = key_mask.long()
         self.length = 0
         self.cache: Any = None
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(base.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.cache_kw, keep = forward_kwargs(model)
+        self.extra = {"logits_to_keep": 1} if keep else {}
 
     def step(self, ids: Tensor, positions: Tensor) -> Tensor:
         end = self.length + ids.shape[1]

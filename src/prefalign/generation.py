@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import sys
@@ -196,14 +195,6 @@ def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return (probs / race).argmax(-1)
 
 
-def _forward_kwargs(model: Any) -> tuple[str, bool]:
-    """The KV-cache keyword of this transformers version and whether ``logits_to_keep`` is accepted."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    return cache_kw, "logits_to_keep" in params
-
-
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -322,7 +313,9 @@ def response_logits(model: Any, out: GenerationOutput, temperature: float = 1.0)
     """
     input_ids, attention_mask = out.sequences()
     width = out.response_ids.shape[1]
-    _, keep_kw = _forward_kwargs(model)
+    from prefalign.decoding import forward_kwargs
+
+    _, keep_kw = forward_kwargs(model)
     extra = {"logits_to_keep": width + 1} if keep_kw else {}
     logits = model(
         input_ids=input_ids,
