@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from prefalign import __version__
-from prefalign.config import ConfigError
+from prefalign.config import ConfigError, config_from_args
+from prefalign.launch import TRAINING_COMMANDS, add_launch_arguments, relaunch, wants_launch
 
 # The module that registers each sub-command, in the order they appear in `prefalign --help`.
 COMMANDS: dict[str, str] = {
@@ -54,6 +55,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         if command is None or name == command:
             importlib.import_module(module).add_commands(sub)
+            if name in TRAINING_COMMANDS:
+                add_launch_arguments(sub.choices[name])
     return parser
 
 
@@ -66,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
+        if args.command in TRAINING_COMMANDS and wants_launch(args):
+            config_from_args(args.config_class, args)  # refuse bad options once, before any process starts
+            return relaunch(argv, args)
         return int(args.func(args) or 0)
     except user_errors() as err:
         print(f"prefalign {args.command}: error: {err}", file=sys.stderr)

@@ -162,6 +162,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """
     docs = field_docs(cls)
     hints = _resolve_types(cls)
+    parser.set_defaults(config_class=cls)
     parser.add_argument(
         "--config", default=None, metavar="YAML", help="YAML file of defaults; flags override it."
     )

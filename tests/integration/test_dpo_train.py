@@ -201,8 +201,10 @@ def test_saved_model_loads_with_plain_transformers(model_dir, pairs, tmp_path):
 
 
 def test_precomputed_reference_gives_the_same_run_as_a_frozen_copy(model_dir, pairs, tmp_path):
-    train(config(model_dir, pairs, tmp_path / "frozen", max_steps=3))
-    train(config(model_dir, pairs, tmp_path / "pre", max_steps=3, precompute_ref=True))
+    """Precomputing is the default; --no-precompute-ref keeps a frozen copy and scores per batch."""
+    assert DPOConfig(model="m", data="d", output="o").precompute_ref is True
+    train(config(model_dir, pairs, tmp_path / "frozen", max_steps=3, precompute_ref=False))
+    train(config(model_dir, pairs, tmp_path / "pre", max_steps=3))
     a = [m["loss"] for m in read_metrics(tmp_path / "frozen")]
     b = [m["loss"] for m in read_metrics(tmp_path / "pre")]
     assert a == pytest.approx(b, abs=1e-5)
@@ -244,7 +246,7 @@ def test_cli_lora_with_precomputed_reference_and_yaml_config(model_dir, pairs, t
     yaml_file.write_text(
         f"model: {model_dir}\ndata: {pairs}\nmax_length: 64\nbatch_size: 4\nlora_r: 4\nlr: 0.01\n"
     )
-    for name, extra in (("adapter-off", []), ("precomputed", ["--precompute-ref"])):
+    for name, extra in (("adapter-off", ["--no-precompute-ref"]), ("precomputed", [])):
         out = tmp_path / name
         code = main(
             [

@@ -96,6 +96,36 @@ def test_sigkill_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(
     assert [m["step"] for m in read_metrics(killed)] == list(range(1, n + 1))
 
 
+def test_ctrl_c_on_a_relaunched_multi_process_run_saves_then_exits_130(tiny_model_dir, pairs, tmp_path):
+    """`--num-processes 2`: Ctrl-C in a terminal reaches the command and its torchrun (one process group,
+    sent here with killpg); torchrun passes it on to the workers, which finish the step, save a
+    checkpoint together and stop; the command exits 130."""
+    import os
+
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--data", str(pairs), "--output", str(out)]
+    common += ["--max-length", "64", "--batch-size", "2", "--no-progress", "--save-every", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefalign", "dpo", "--num-processes", "2", *common, "--max-steps", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, like a shell's foreground job
+    )
+    deadline = time.monotonic() + 240
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no 2 steps in 240 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    done = [m["step"] for m in read_metrics(out)]
+    assert done == list(range(1, done[-1] + 1)) and done[-1] >= 2
+    assert latest_checkpoint(out).name == f"step-{done[-1]}"
+
+
 def config(model_dir, pairs, out, **kw):
     base = dict(model=str(model_dir), data=str(pairs), output=str(out), max_length=64, batch_size=4)
     return DPOConfig(**{**base, "progress": False, **kw})

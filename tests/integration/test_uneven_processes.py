@@ -30,8 +30,8 @@ def test_two_processes_with_uneven_shares_train_exactly_like_one(
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(n_pairs, seed=4))
     common = ["--model", str(tiny_model_dir), "--data", str(data), "--max-steps", str(steps)]
     common += ["--lr", "1e-4", "--max-length", "64", "--no-progress", "--micro-batch-tokens", "64"]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "prefalign", "dpo"]
+    two = subprocess.run(  # `--num-processes 2` relaunches the command under torchrun
+        [sys.executable, "-m", "prefalign", "dpo", "--num-processes", "2"]
         + [*common, "--output", str(tmp_path / "two"), "--batch-size", str(batch)],
         capture_output=True,
         text=True,

@@ -37,11 +37,11 @@ def test_yaml_sets_defaults_and_flags_override(tmp_path):
     add_config_arguments(parser, DPOConfig)
     cfg = config_from_args(DPOConfig, parser.parse_args(["--config", str(path), "--beta", "0.5"]))
     assert cfg.beta == 0.5 and cfg.batch_size == 4 and cfg.report_to == ["tensorboard"]
-    assert cfg.precompute_ref is False
+    assert cfg.precompute_ref is True
     cfg = config_from_args(
-        DPOConfig, parser.parse_args(["--config", str(path), "--precompute-ref", "--max-steps", "3"])
+        DPOConfig, parser.parse_args(["--config", str(path), "--no-precompute-ref", "--max-steps", "3"])
     )
-    assert cfg.precompute_ref is True and cfg.max_steps == 3 and cfg.beta == 0.3
+    assert cfg.precompute_ref is False and cfg.max_steps == 3 and cfg.beta == 0.3
 
 
 @pytest.mark.parametrize(

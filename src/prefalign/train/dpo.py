@@ -9,8 +9,11 @@ How a batch is computed (the part that makes it fast on a CPU; see :mod:`prefali
 - **LM head only where counted.** Hidden states are gathered at the positions that predict completion
   tokens (``logits_to_keep``); the vocabulary projection never runs over prompt positions.
 - **One log-softmax-free gather.** Log-probs are the target logit minus logsumexp (``token_logps``).
-- **Reference pass.** A frozen copy by default; ``--precompute-ref`` runs the initial policy once over
-  the data before training (no second model in memory); with LoRA the adapter is switched off.
+- **Reference pass, once.** By default the reference log-probs are computed in one forward-only pass
+  over the data before training (split over the processes), so no second model stays in memory and no
+  epoch pays for the reference again. The scorer is the starting policy (with LoRA: the policy with its
+  adapter switched off) or ``--ref-model``. ``--no-precompute-ref`` keeps a frozen reference and scores
+  each batch as it comes instead (the same numbers, more memory).
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ class DPOConfig(TrainConfig):
     """Ignore the reference model (its log-probs are taken as 0)."""
     rpo_alpha: float = 0.0
     """Weight of an added NLL term on the chosen completion, per token (RPO; Pang et al. 2024). 0 disables."""
-    precompute_ref: bool = False
-    """Compute reference log-probs in one pass before training; no reference model stays in memory."""
+    precompute_ref: bool = True
+    """Compute reference log-probs in one forward pass before training, so no reference model stays in
+    memory (exact: the reference never changes); --no-precompute-ref scores each batch as it comes."""
     ref_model: str | None = None
     """Reference model, if not the starting policy (--model)."""
 
@@ -96,18 +100,27 @@ def reference_pass(
     config: DPOConfig,
     adapter_off: bool = False,
     progress: bool = False,
+    split: bool = False,
 ) -> Tensor:
     """Reference log-probs ``[len(examples), 2]`` (chosen, rejected), forward only, in eval mode.
 
     Args:
         scorer: the reference model, or the policy itself (the reference before training starts, or,
             with ``adapter_off``, a LoRA policy's base weights).
+        split: under several processes, each scores every N-th example and the shares are summed
+            across processes (the other rows are zeros, so the sum is exact); every process returns the
+            whole table.
     """
     # packing is imported here, not at the top: building the parser (`--help`) must not import transformers
+    import torch.distributed as dist
+
     from prefalign.packing import pack_pairs, packed_logps, pair_tokens
 
     out = torch.zeros(len(examples), 2)
     items = list(enumerate(examples))
+    world = dist.get_world_size() if split and dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        items = items[dist.get_rank() :: world]
     groups = micro_batches(
         items, lambda item: pair_tokens(item[1]), config.micro_batch_tokens * REFERENCE_BATCH_FACTOR
     )
@@ -118,6 +131,11 @@ def reference_pass(
             logps = packed_logps(scorer, pack_pairs([ex for _, ex in group]), config.average_logps)
             out[torch.tensor([i for i, _ in group])] = logps.float().cpu().view(-1, 2)
     scorer.train(was_training)
+    if world > 1:  # an empty share still joins the collective call
+        device = next(scorer.parameters()).device
+        total = out.to(device)
+        dist.all_reduce(total)
+        out = total.cpu()
     return out.clone()
 
 
@@ -226,9 +244,9 @@ def build_objective(
 ) -> tuple[DPOObjective, DPOObjective | None]:
     """Load the models (unless given) and set up the reference the config asks for.
 
-    The reference is, in order: ``--ref-model`` if given; else the starting policy, as a frozen copy, or
-    (``--precompute-ref``) as log-probs computed before training, or (LoRA) the policy with its adapter
-    switched off.
+    The reference is ``--ref-model`` if given, else the starting policy (with LoRA: the policy with its
+    adapter switched off). By default it scores the data once before training and is then dropped;
+    ``--no-precompute-ref`` keeps it (a frozen copy, or the adapter switched off per batch).
 
     Returns:
         The training objective and one over the held-out pairs (``None`` without held-out pairs).
@@ -253,8 +271,9 @@ def build_objective(
         make = lambda: DPOObjective(model, config, reference=reference)  # noqa: E731
         return make(), (make() if held else None)
     scorer = reference if reference is not None else model
-    ref_train = reference_pass(scorer, train, config, adapter_off=reference is None, progress=config.progress)
-    ref_held = reference_pass(scorer, held, config, adapter_off=reference is None) if held else None
+    off = reference is None
+    ref_train = reference_pass(scorer, train, config, adapter_off=off, progress=config.progress, split=True)
+    ref_held = reference_pass(scorer, held, config, adapter_off=off, split=True) if held else None
     return DPOObjective(model, config, ref_logps=ref_train), (
         DPOObjective(model, config, ref_logps=ref_held) if held else None
     )

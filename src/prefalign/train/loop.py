@@ -240,7 +240,24 @@ def make_accelerator() -> Any:
     ``torchrun``): one CPU, one GPU, or many with DDP/FSDP/DeepSpeed."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # no dataloader goes through prepare(), so DeepSpeed cannot infer these
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = 1  # its bookkeeping only: prefalign packs its own batches
+        ds["gradient_accumulation_steps"] = 1  # one engine step per prefalign optimiser step
+    return accelerator
+
+
+def sharded(accelerator: Any) -> bool:
+    """True under FSDP or DeepSpeed (``--launch-config``): the weights or optimiser state are split over
+    the processes. Then the final model is gathered before saving; mid-run checkpoints (and so
+    ``--resume``) are not written, since the optimiser state would need every process's shard."""
+    return str(getattr(accelerator, "distributed_type", "")).endswith(("FSDP", "DEEPSPEED"))
+
+
+def _deepspeed(accelerator: Any) -> bool:
+    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
 
 
 def seed_everything(seed: int) -> None:
@@ -669,15 +686,18 @@ def prune_checkpoints(output: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_final_model(model: nn.Module, tokenizer: Any, output: Path) -> None:
+def save_final_model(
+    model: nn.Module, tokenizer: Any, output: Path, state_dict: dict[str, Tensor] | None = None
+) -> None:
     """Save a plain Hugging Face folder (safetensors + config + tokenizer) loadable with ``from_pretrained``.
 
     A LoRA model is saved twice: the adapter in ``output/adapter`` and the merged weights at the root.
+    ``state_dict``: the full weights when they were gathered from shards (FSDP, DeepSpeed ZeRO-3).
     """
     if hasattr(model, "peft_config"):
-        model.save_pretrained(str(output / "adapter"), safe_serialization=True)
-        model = model.merge_and_unload()
-    model.save_pretrained(str(output), safe_serialization=True)
+        model.save_pretrained(str(output / "adapter"), safe_serialization=True, state_dict=state_dict)
+        model, state_dict = model.merge_and_unload(), None
+    model.save_pretrained(str(output), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output))
 
@@ -919,6 +939,10 @@ def train_loop(
     params = [p for p in objective.model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
+    if sharded(accelerator):
+        if ckpt is not None:
+            raise ConfigError("--resume is not available under FSDP or DeepSpeed (no mid-run checkpoints)")
+        log.warning("FSDP/DeepSpeed: only the final model is saved (no mid-run checkpoints)")
     optimizer = make_optimizer(params, config)
     steps = total_steps(config, len(train_examples), accelerator.num_processes)
     scheduler = make_scheduler(optimizer, config, steps)
@@ -965,8 +989,9 @@ def train_loop(
     finally:
         writer.close()
     model = accelerator.unwrap_model(objective.model)
+    full = accelerator.get_state_dict(objective.model) if sharded(accelerator) else None  # all processes
     if main:
-        save_final_model(model, tokenizer, output)
+        save_final_model(model, tokenizer, output, full)
     summary = {
         "steps": state["step"],
         "train_examples": len(train_examples),
@@ -983,6 +1008,8 @@ def train_loop(
 
 def _save(run: _Run) -> None:
     """Checkpoint the run at its current step (main process writes; every process waits for it)."""
+    if sharded(run.accelerator):
+        return  # see sharded(): no mid-run checkpoints under FSDP / DeepSpeed
     rng_states = [_rng_state()]
     if run.accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -1086,7 +1113,11 @@ def _one_step(run: _Run, batch: list[int]) -> dict[str, float]:
     for k, chunk in enumerate(chunks):
 
         def sync(last_micro: bool, last_chunk: bool = k == len(chunks) - 1) -> Any:
-            return nullcontext() if last_micro and last_chunk else accelerator.no_sync(objective.model)
+            last = last_micro and last_chunk
+            if _deepspeed(accelerator):  # the engine steps on a backward marked as the step's last
+                accelerator.gradient_state._set_sync_gradients(last)
+                return nullcontext()
+            return nullcontext() if last else accelerator.no_sync(objective.model)
 
         chunk_sums, chunk_tokens = run_examples(
             objective, chunk, config.micro_batch_tokens, scale, accelerator.backward, sync

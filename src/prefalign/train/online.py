@@ -520,6 +520,7 @@ def prepare(config: OnlineConfig, tokenizer: Any = None) -> tuple[Any, Any, tupl
         clear_run,
         make_accelerator,
         seed_everything,
+        sharded,
         split_rows,
     )
 
@@ -528,6 +529,11 @@ def prepare(config: OnlineConfig, tokenizer: Any = None) -> tuple[Any, Any, tupl
         clear_run(Path(config.output))
     seed_everything(config.seed)
     acc = make_accelerator()
+    if sharded(acc):
+        raise ConfigError(
+            "online methods (ppo, grpo, rloo) run on one process or several under DDP (--num-processes, "
+            "configs/accelerate/ddp.yaml), not under FSDP or DeepSpeed yet"
+        )
     if config.rollout_batch % acc.num_processes:
         raise ConfigError(
             f"rollout_batch {config.rollout_batch} must divide over {acc.num_processes} processes"
