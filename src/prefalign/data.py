@@ -24,10 +24,13 @@ tokenizer's chat template when it has one; every completion ends with exactly on
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -50,32 +53,61 @@ class DataError(ValueError):
     """A user's dataset is unreadable or malformed; the message names the source and the line or row."""
 
 
+CSV_FIELD_LIMIT = 2**31 - 1
+"""Largest CSV cell read, in characters (the csv module's default, 131072, refuses a long prompt)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading rows with their locations
 # --------------------------------------------------------------------------------------------------
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """``raw`` as UTF-8 text without its byte-order mark, if any; a bad byte is a DataError with its line."""
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = skip + err.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise DataError(f"{path.name}:{line}: not valid UTF-8 text (byte {at})") from None
+
+
+def _parse_json(text: str, where: str, lines: bool) -> Any:
+    """``json.loads`` whose every failure is a DataError at ``where`` (plus the error's line if ``lines``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f"{where}:{err.lineno}" if lines else where
+        raise DataError(f"{at}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as err:  # an integer past Python's digit limit (sys.get_int_max_str_digits)
+        at = where
+        digits = re.search(rf"\d{{{sys.get_int_max_str_digits() + 1},}}", text) if lines else None
+        if digits:
+            line = text.count("\n", 0, digits.start()) + 1
+            at = f"{where}:{line}"
+        raise DataError(f"{at}: invalid JSON ({str(err).split(';')[0]})") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path.name}:{lineno}"
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise DataError(f"{where}: not valid UTF-8 text") from None
             if not line.strip():
                 continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            yield where, _parse_json(line, where, lines=False)
 
 
 def _read_json(path: Path, split: str) -> Iterator[tuple[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path.name}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    data = _parse_json(_decode(path, path.read_bytes()), path.name, lines=True)
     name = path.name
     if isinstance(data, dict):
         if split not in data:
@@ -91,13 +123,31 @@ def _read_json(path: Path, split: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a leading byte-order mark is dropped
-        reader = csv.DictReader(f)
-        for row in reader:
-            where = f"{path.name}:{reader.line_num}"
-            if None in row or None in row.values():
-                raise DataError(f"{where}: wrong number of cells (header has {len(reader.fieldnames or [])})")
-            yield where, row
+    """Rows as ``{header: cell}``, each located at the line its record starts on (a quoted cell may span
+    lines); blank lines are skipped, a leading byte-order mark is dropped."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.reader(io.StringIO(_decode(path, path.read_bytes()), newline=""))
+    header: list[str] | None = None
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataError(f"{path.name}:{start}: not valid CSV ({err})") from None
+        if not cells:
+            continue
+        if header is None:
+            header = cells
+            twice = sorted({c for c in cells if cells.count(c) > 1})
+            if twice:
+                raise DataError(f"{path.name}:{start}: the header names column {twice[0]!r} twice")
+        elif len(cells) != len(header):
+            raise DataError(f"{path.name}:{start}: wrong number of cells (header has {len(header)})")
+        else:
+            yield f"{path.name}:{start}", dict(zip(header, cells, strict=True))
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -194,19 +244,21 @@ def read_rows(source: str | Path, split: str = "train") -> list[tuple[str, Any]]
     Raises:
         DataError: the source cannot be found or read, or a JSON line is invalid.
     """
+    return list(iter_rows(source, split))
+
+
+def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """:func:`read_rows` one row at a time: JSONL and CSV files are parsed as far as the rows taken,
+    so a loader that validates each row as it comes reports the first bad line, whether it is unreadable
+    or invalid."""
     path = Path(source).expanduser()
     if path.is_dir():
-        rows = _read_folder(path, split)
-    elif path.is_file():
-        rows = _read_file(path, split)
-    elif isinstance(source, Path) or not _looks_like_hub_id(str(source)):
+        return _read_folder(path, split)
+    if path.is_file():
+        return _read_file(path, split)
+    if isinstance(source, Path) or not _looks_like_hub_id(str(source)):
         raise DataError(f"{source}: no such file or folder")
-    else:
-        rows = _read_hub(str(source), split)
-    try:
-        return list(rows)
-    except UnicodeDecodeError as err:  # JSON and CSV files; JSONL names the line itself
-        raise DataError(f"{path.name}: not valid UTF-8 text (byte {err.start})") from None
+    return _read_hub(str(source), split)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,7 +503,7 @@ def load_preferences(source: str | Path, split: str = "train") -> list[Row]:
     Raises:
         DataError: on the first bad row (nothing is returned), or if no usable pair remains.
     """
-    rows = [validate_preference(row, where) for where, row in read_rows(source, split)]
+    rows = [validate_preference(row, where) for where, row in iter_rows(source, split)]
     kept = [row for row in rows if row["chosen"] != row["rejected"]]
     if len(kept) < len(rows):
         warnings.warn(
@@ -471,7 +523,7 @@ def load_sft(source: str | Path, split: str = "train") -> list[Row]:
     Raises:
         DataError: on the first bad row (nothing is returned), or if the source has no rows.
     """
-    rows = [validate_sft(row, where) for where, row in read_rows(source, split)]
+    rows = [validate_sft(row, where) for where, row in iter_rows(source, split)]
     if not rows:
         raise DataError(f"{_source_name(source)}: no examples")
     return rows
@@ -483,7 +535,7 @@ def load_prompts(source: str | Path, split: str = "train") -> list[Row]:
     Raises:
         DataError: on the first bad row (nothing is returned), or if the source has no rows.
     """
-    rows = [validate_prompt(row, where) for where, row in read_rows(source, split)]
+    rows = [validate_prompt(row, where) for where, row in iter_rows(source, split)]
     if not rows:
         raise DataError(f"{_source_name(source)}: no prompts")
     return rows
