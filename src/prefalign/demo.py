@@ -152,6 +152,9 @@ class DemoConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from prefalign.generation import check_device
+
+        check_device(self.device)  # before any model is loaded
 
 
 PRESET_VALUES: dict[str, dict[str, Any]] = {

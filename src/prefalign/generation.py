@@ -12,7 +12,9 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,15 @@ from prefalign.data import DataError, end_of_turn_id
 from prefalign.losses import token_logps
 
 log = logging.getLogger(__name__)
+
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily (argmax of the raw logits).
+
+Dividing float32 logits by a temperature near 0 overflows to ``inf`` (``1e-45`` does it to any logit
+larger than ~4e-7 in size), and ``softmax`` of ``inf - inf`` is NaN. At 1e-5 logits of any realistic
+size (below 1e33) stay finite, and a temperature that small already picks the top token whenever the
+runner-up trails by more than ~1e-3, so calling everything below it greedy changes nothing a user could
+want."""
 
 
 @dataclass
@@ -125,11 +136,71 @@ def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     return sorted(ids)
 
 
+def is_greedy_temperature(temperature: float) -> bool:
+    """Whether ``temperature`` means greedy decoding: 0 or anything below :data:`MIN_TEMPERATURE`."""
+    return temperature < MIN_TEMPERATURE
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+"""Config attributes that hold a causal LM's context length, in the order they are looked up."""
+
+
+def context_length(model: Any) -> int | None:
+    """The most positions ``model`` was built for (its config's ``max_position_embeddings`` or the
+    equivalent of other families, :data:`CONTEXT_KEYS`); None when the config says nothing."""
+    config = getattr(model, "config", None)
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def cap_prompts(
+    prompts: Sequence[Sequence[int]], context: int | None, max_new_tokens: int
+) -> list[Sequence[int]]:
+    """Cut every prompt longer than ``context`` to its last ``context`` tokens, with one warning.
+
+    The *end* of a prompt is kept because that is what the response continues: a chat template's
+    assistant header and the user's last words are there (the rule :func:`prefalign.data.truncate_pair`
+    applies to preference prompts too). Also warns, once, when a prompt plus ``max_new_tokens`` passes the
+    context: positions beyond it were never trained (rotary models drift, models with learned position
+    embeddings fail).
+    """
+    if context is None:
+        return list(prompts)
+    cut = sum(len(p) > context for p in prompts)
+    if cut:
+        log.warning(
+            "cut %d of %d prompts to their last %d tokens: the model's context is %d tokens",
+            cut,
+            len(prompts),
+            context,
+            context,
+        )
+        prompts = [p[-context:] if len(p) > context else p for p in prompts]
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > context:
+        over = sum(len(p) + max_new_tokens > context for p in prompts)
+        log.warning(
+            "%d of %d prompts plus max_new_tokens=%d pass the model's context of %d tokens (longest prompt: "
+            "%d tokens); the response tokens past it come from positions the model was never trained on",
+            over,
+            len(prompts),
+            max_new_tokens,
+            context,
+            longest,
+        )
+    return list(prompts)
+
+
 def _check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also refuses NaN
+        raise ValueError(
+            f"temperature must be >= 0 and finite (below {MIN_TEMPERATURE:g} means greedy), got {temperature}"
+        )
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 means off), got {top_k}")
     if not 0 < top_p <= 1:
@@ -141,7 +212,9 @@ def warp_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
 
     Args:
         logits: ``[B, V]``.
-        temperature: divides the logits (> 0).
+        temperature: divides the logits (> 0). Below :data:`MIN_TEMPERATURE` it is the limit as the
+            temperature goes to 0: the largest logits are kept as they are, every other gets ``-inf`` (a
+            point mass on the argmax; ties share it), never the NaN a division by ~0 gives.
         top_k: keep the ``top_k`` largest logits (0: keep all).
         top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
             (Holtzman et al. 2020); the most likely token is always kept.
@@ -149,7 +222,10 @@ def warp_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     Returns:
         ``[B, V]`` warped logits.
     """
-    scores = logits / temperature
+    if is_greedy_temperature(temperature):
+        scores = logits.masked_fill(logits < logits.amax(-1, keepdim=True), float("-inf"))
+    else:
+        scores = logits / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -309,7 +385,9 @@ def response_logits(model: Any, out: GenerationOutput, temperature: float = 1.0)
     """Logits ``[B, R, V]`` (divided by ``temperature``) that predict each response token of ``out``.
 
     One forward pass over ``prompt + response``; the vocabulary projection runs only over the last
-    ``R + 1`` positions where the model accepts ``logits_to_keep``. Gradients flow when enabled.
+    ``R + 1`` positions where the model accepts ``logits_to_keep``. Gradients flow when enabled. A
+    temperature below :data:`MIN_TEMPERATURE` is greedy decoding, whose recorded log-probs are those of
+    the raw logits (see :func:`generate`), so the logits are returned undivided.
     """
     input_ids, attention_mask = out.sequences()
     width = out.response_ids.shape[1]
@@ -325,7 +403,7 @@ def response_logits(model: Any, out: GenerationOutput, temperature: float = 1.0)
         **extra,
     ).logits
     logits = logits[:, -(width + 1) : -1, :].float()
-    return logits / temperature if temperature != 1.0 else logits
+    return logits / temperature if temperature != 1.0 and not is_greedy_temperature(temperature) else logits
 
 
 def response_logprobs(
@@ -377,10 +455,11 @@ def generate(
 ) -> GenerationOutput:
     """Sample responses to token-id prompts with a KV cache, in batches.
 
-    Each batch is left padded; position ids count real tokens only, so a prompt's continuation does not
-    depend on how much padding its batch needed (greedy batched output equals unbatched). A row stops at
-    its first stop token; later columns are padding with mask 0. The model runs in eval mode under
-    ``torch.no_grad`` and its previous train/eval mode is restored.
+    A prompt longer than the model's context (:func:`context_length`) is cut to its last tokens, with a
+    warning (:func:`cap_prompts`). Each batch is left padded; position ids count real tokens only, so a
+    prompt's continuation does not depend on how much padding its batch needed (greedy batched output
+    equals unbatched). A row stops at its first stop token; later columns are padding with mask 0. The
+    model runs in eval mode under ``torch.no_grad`` and its previous train/eval mode is restored.
 
     Args:
         model: a causal LM (transformers or peft) taking ``input_ids, attention_mask, position_ids``
@@ -388,7 +467,8 @@ def generate(
         tokenizer: gives the pad id (EOS if there is none) and the text decoding.
         prompts: ``B`` lists of token ids (e.g. from :func:`prefalign.data.encode_prompt`), each non-empty.
         max_new_tokens: length cap of each response.
-        temperature: divides the logits before sampling; 0 means greedy.
+        temperature: divides the logits before sampling; 0 (or anything below :data:`MIN_TEMPERATURE`)
+            means greedy.
         top_k: sample among the ``top_k`` most likely tokens (0: off); ``top_k=1`` is greedy.
         top_p: nucleus sampling threshold (1: off).
         do_sample: False means greedy decoding (argmax of the raw logits).
@@ -420,9 +500,12 @@ def generate(
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an EOS token to pad with")
     device = next(model.parameters()).device
+    prompts = cap_prompts(prompts, context_length(model), max_new_tokens)
     stops = torch.as_tensor(list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model))
     sample = (
-        dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample and temperature > 0 else None
+        dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        if do_sample and not is_greedy_temperature(temperature)
+        else None
     )
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     size = batch_size or len(prompts)
@@ -474,6 +557,72 @@ def generate(
 # --------------------------------------------------------------------------------------------------
 
 
+def check_device(device: str | None, field: str = "device") -> None:
+    """Refuse a device this machine does not have, before any model is loaded.
+
+    None (cuda if available, else cpu) and ``cpu`` always pass; ``cuda``/``cuda:N`` need CUDA (and GPU
+    ``N``), ``mps`` needs Apple's Metal backend.
+
+    Raises:
+        ConfigError: naming ``field``, the value and what is missing.
+    """
+    from prefalign.config import ConfigError
+
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{field}: {device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{field}: {device!r} asked for, but CUDA is not available here; use cpu or leave it unset"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"{field}: {device!r} asked for, but this machine has {count} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field}: {device!r} asked for, but MPS is not available here; use cpu")
+
+
+def check_output_file(path: str | Path, field: str = "output") -> None:
+    """Refuse an output file that cannot be written, before any work is done.
+
+    A folder, a path under a file, a folder that cannot be created or written, or a file that exists
+    but is read-only are refused. Nothing is created: the writability of the nearest existing folder is
+    probed with a temporary file that is removed at once (``os.access`` says yes to root everywhere).
+
+    Raises:
+        ConfigError: naming ``field``, the path and why.
+    """
+    from prefalign.config import ConfigError
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(
+            f"{field}: {path} is a folder; give a file path such as {Path(path) / 'samples.jsonl'}"
+        )
+    if target.exists():
+        try:
+            with target.open("a"):
+                return
+        except OSError as err:
+            raise ConfigError(f"{field}: {path} cannot be written ({err.strerror or err})") from None
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{field}: {path} lies under {parent}, which is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{field}: {path} cannot be written: folder {parent} is not writable ({err.strerror or err})"
+        ) from None
+
+
 @dataclass
 class GenerateConfig:
     """Sample responses from a model to one prompt or a file of prompts."""
@@ -489,7 +638,7 @@ class GenerateConfig:
     max_new_tokens: int = 256
     """Length cap of each response, in tokens."""
     temperature: float = 0.7
-    """Sampling temperature; 0 means greedy."""
+    """Sampling temperature; 0 (or anything below 1e-5) means greedy."""
     top_k: int = 0
     """Sample among the k most likely tokens; 0 turns it off."""
     top_p: float = 0.9
@@ -522,6 +671,7 @@ class GenerateConfig:
             _check_settings(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        check_device(self.device)
 
 
 def run_generate(config: GenerateConfig) -> list[dict[str, Any]]:
@@ -551,7 +701,7 @@ def run_generate(config: GenerateConfig) -> list[dict[str, Any]]:
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
-        do_sample=config.temperature > 0,
+        do_sample=not is_greedy_temperature(config.temperature),
         seed=config.seed,
         batch_size=config.batch_size,
     )
@@ -591,6 +741,8 @@ def _generate_command(args: argparse.Namespace) -> int:
     from prefalign.config import config_from_args
 
     config = config_from_args(GenerateConfig, args)
+    if config.output is not None:
+        check_output_file(config.output)  # before the model is loaded and the sampling done
     records = run_generate(config)
     if config.output is None:
         _print_records(records, config.num_samples)

@@ -294,6 +294,11 @@ class ScoreConfig:
     device: str | None = None
     """Where a reward model runs (cpu, cuda); default: cuda if available, else cpu."""
 
+    def __post_init__(self) -> None:
+        from prefalign.generation import check_device
+
+        check_device(self.device)  # before any reward model is loaded
+
 
 def _completion_of(row: dict[str, Any], where: str) -> str:
     from prefalign.data import DataError

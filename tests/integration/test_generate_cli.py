@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,96 @@ def test_missing_model_folder_is_a_clean_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "nope: no such model folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- prompts past the context, outputs that cannot be written, devices that are not there ----------
+
+
+@pytest.fixture(scope="module")
+def short_context_dir(tmp_path_factory) -> Path:
+    """The tiny model saved with a context of 32 positions."""
+    folder = tmp_path_factory.mktemp("tiny-short-context")
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tokenizer=tok, seed=0)
+    model.config.max_position_embeddings = 32
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_prompt_line_far_past_the_context_is_cut_with_a_warning(short_context_dir, tmp_path, caplog):
+    """A 200 kB line used to reach the model whole: attention over ~10^5 positions asks for hundreds of
+    GB. Now it is cut to the context's last 32 tokens, one warning counts the cut prompts, another says
+    that prompt + --max-new-tokens passes the context, and both prompts get responses."""
+    prompts = tmp_path / "prompts.jsonl"
+    long = "the movie was good and " * 9000
+    prompts.write_text(json.dumps({"prompt": long}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    caplog.set_level("INFO")
+    args = ["generate", "--model", str(short_context_dir), "--prompts", str(prompts), "--raw"]
+    assert main([*args, "--max-new-tokens", "4", "--temperature", "0", "--output", str(out)]) == 0
+    rows = _read(out)
+    assert [len(r["prompt"]) for r in rows] == [len(long), 2]  # the record keeps the prompt as given
+    assert all(1 <= r["num_tokens"] <= 4 for r in rows)
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "cut 1 of 2 prompts to their last 32 tokens: the model's context is 32 tokens" in messages
+    assert any("plus max_new_tokens=4 pass the model's context of 32 tokens" in m for m in messages)
+
+
+def test_temperature_1e_45_prints_the_greedy_response(model_dir, capsys):
+    base = ["generate", "--model", str(model_dir), "--prompt", "The movie was", "--max-new-tokens", "8"]
+    assert main([*base, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*base, "--temperature", "1e-45", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to find or load a model fails the test."""
+    import prefalign.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although the command should have stopped before")
+
+    for name in ("resolve_model", "load_policy", "load_tokenizer"):
+        monkeypatch.setattr(prefalign.models, name, refuse)
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "unwritable"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(
+    tmp_path, capsys, no_model_loading, where
+):
+    (tmp_path / "notes.txt").write_text("a file")
+    output, reason = {
+        "folder": (tmp_path, "is a folder"),
+        "under_a_file": (tmp_path / "notes.txt" / "out.jsonl", "which is a file, not a folder"),
+        # /proc takes no new files, not even from root (for whom os.access says yes to everything)
+        "unwritable": (Path("/proc/prefalign-test/out.jsonl"), "folder /proc is not writable"),
+    }[where]
+    args = ["generate", "--model", "tiny-random", "--prompt", "Hi", "--output", str(output)]
+    start = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - start < 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"prefalign generate: error: output: {output}") and reason in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--model", "tiny-random", "--prompt", "Hi"],
+        ["score", "--data", "rows.jsonl", "--output", "out.jsonl", "--reward", "sentiment"],
+        ["demo", "--preset", "smoke"],
+    ],
+    ids=["generate", "score", "demo"],
+)
+def test_device_cuda_without_cuda_is_refused_before_any_model(monkeypatch, capsys, no_model_loading, command):
+    """Every command with a --device option (GenerateConfig, ScoreConfig, DemoConfig) checks it first."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*command, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "device: 'cuda' asked for, but CUDA is not available here" in err and "Traceback" not in err

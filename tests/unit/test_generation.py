@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from prefalign.generation import (
+    MIN_TEMPERATURE,
     GenerationOutput,
     _sample,
+    cap_prompts,
+    check_device,
+    context_length,
     generate,
+    is_greedy_temperature,
     position_ids_from_mask,
     response_logits,
     response_logprobs,
@@ -274,3 +279,94 @@ def test_returned_hidden_states_and_entropy_match_a_fresh_forward(tiny_model, to
     assert torch.all(out.hidden[~mask] == 0) and torch.all(out.entropy[~mask] == 0)
     plain = generate(tiny_model, tokenizer, prompts, max_new_tokens=8, temperature=0.9, seed=2)
     assert torch.equal(plain.response_ids, out.response_ids) and plain.hidden is None
+
+
+# ---- temperatures near 0 and prompts past the context -----------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324, 9e-6])
+def test_a_temperature_below_the_threshold_is_exactly_greedy(tiny_model, tokenizer, prompts, temperature):
+    """Dividing by 1e-45 overflows every logit to inf and softmax gives NaN; below MIN_TEMPERATURE the
+    sampler decodes greedily instead: the same tokens and log-probs as do_sample=False, all finite, and
+    the fresh-forward pass at that temperature agrees with them."""
+    greedy = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, do_sample=False)
+    cold = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, temperature=temperature, seed=0)
+    assert torch.equal(cold.response_ids, greedy.response_ids)
+    assert torch.equal(cold.logprobs, greedy.logprobs)
+    assert torch.isfinite(cold.logprobs).all()
+    again = response_logprobs(tiny_model, cold, temperature=temperature)
+    assert torch.isfinite(again).all()
+    torch.testing.assert_close(again, cold.logprobs, atol=1e-4, rtol=0)
+
+
+def test_warp_at_a_tiny_temperature_is_a_point_mass_on_the_argmax():
+    """The temperature -> 0 limit: the largest logits stay (ties share the mass), the rest are -inf."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0], [0.5, -1.0, 0.0, 0.2]])
+    warped = warp_logits(logits, temperature=1e-45)
+    assert torch.isfinite(warped).tolist() == [[False, True, False, True], [True, False, False, False]]
+    probs = warped.softmax(-1)
+    assert not torch.isnan(probs).any()
+    torch.testing.assert_close(probs[0], torch.tensor([0.0, 0.5, 0.0, 0.5]))
+    assert MIN_TEMPERATURE == 1e-5 and is_greedy_temperature(9.9e-6) and not is_greedy_temperature(1e-5)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1e-9])
+def test_a_temperature_that_is_not_a_number_or_negative_is_refused(
+    tiny_model, tokenizer, prompts, temperature
+):
+    with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
+        generate(tiny_model, tokenizer, prompts, temperature=temperature)
+
+
+def test_prompts_longer_than_the_context_keep_their_last_tokens(tiny_model, tokenizer, prompts, caplog):
+    """Context 12: the 13-token prompt becomes its last 12 tokens (one warning says 1 of 3 was cut),
+    and the continuation equals that of the cut prompt given directly; prompt + 4 new tokens passes the
+    context, which is a second warning."""
+    tiny_model.config.max_position_embeddings = 12
+    long = prompts[2]
+    assert len(long) > 12 >= max(len(prompts[0]), len(prompts[1]))
+    caplog.set_level("WARNING")
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=4, do_sample=False)
+    assert out.prompt_ids.shape[1] == 12
+    assert out.prompt_ids[2].tolist() == long[-12:]
+    cut_warnings = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
+    assert cut_warnings == ["cut 1 of 3 prompts to their last 12 tokens: the model's context is 12 tokens"]
+    assert any("pass the model's context of 12 tokens" in r.getMessage() for r in caplog.records)
+    direct = generate(tiny_model, tokenizer, [long[-12:]], max_new_tokens=4, do_sample=False)
+    assert direct.response_ids[0].tolist() == out.response_ids[2, : direct.response_ids.shape[1]].tolist()
+
+
+def test_prompts_within_the_context_give_no_warning(tiny_model, tokenizer, prompts, caplog):
+    caplog.set_level("WARNING")
+    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=4, seed=0)
+    assert out.prompt_mask.sum(-1).tolist() == [len(p) for p in prompts]
+    assert not caplog.records
+
+
+def test_context_length_reads_the_families_keys():
+    from types import SimpleNamespace
+
+    assert context_length(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=2048))) == 2048
+    assert context_length(SimpleNamespace(config=SimpleNamespace(n_positions=1024))) == 1024  # GPT-2
+    assert context_length(SimpleNamespace(config=SimpleNamespace())) is None
+    assert cap_prompts([[1, 2, 3]], None, 10) == [[1, 2, 3]]  # unknown context: nothing cut
+
+
+@pytest.mark.parametrize(
+    ("device", "available", "count", "message"),
+    [
+        ("cuda", False, 0, "device: 'cuda' asked for, but CUDA is not available here"),
+        ("cuda:1", True, 1, "device: 'cuda:1' asked for, but this machine has 1 CUDA device(s)"),
+        ("gpu", True, 1, "device: 'gpu' is not a device"),
+    ],
+)
+def test_check_device_refuses_what_the_machine_lacks(monkeypatch, device, available, count, message):
+    from prefalign.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(ConfigError) as err:
+        check_device(device)
+    assert str(err.value).startswith(message)
+    check_device("cpu")
+    check_device(None)
