@@ -114,7 +114,7 @@ def run_prefalign(model_dir: Path, pairs: Path, out: Path, extra: list[str]) -> 
     return res
 
 
-VARIANTS = {"default": [], "precompute": ["--precompute-ref"]}
+VARIANTS = {"default": [], "frozen-ref": ["--no-precompute-ref"]}
 
 
 def median_run(runs: list[dict]) -> dict:

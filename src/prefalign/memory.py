@@ -1,10 +1,10 @@
 """Activation-memory savers for training: RMSNorm and SwiGLU that keep fewer tensors for backward.
 
 Autograd through the stock RMSNorm keeps its input, the normalised input and the output; through the
-SwiGLU MLP it keeps the gate, the up projection, ``silu(gate)`` and their product. The functions here
-keep only what the backward formula needs (RMSNorm: input and ``1/rms``; SwiGLU: gate and up) and
-recompute the rest, about a fifth less activation memory for a Llama-style decoder at the same
-numerics (to float rounding). The same idea as Liger Kernel's fused ops, written as plain PyTorch.
+SwiGLU MLP it keeps the gate, the up projection, ``silu(gate)`` and their product (the down
+projection's input). The functions here keep only what the backward formula needs (RMSNorm: input and
+``1/rms``; SwiGLU with its down projection: gate and up) and recompute the rest, about a third less
+activation memory for a Llama-style decoder at the same numerics (to float rounding). The same idea as Liger Kernel's fused ops, written as plain PyTorch.
 
 Only modules whose computation is known to match are patched (Llama, Mistral, Qwen2/3, SmolLM);
 anything else is left as it is.
@@ -71,12 +71,123 @@ class SiluMulFunction(torch.autograd.Function):
         return grad_gate, grad * gate * sig
 
 
+class SwiGLUDownFunction(torch.autograd.Function):
+    """``down(silu(gate) * up)`` for a bias-free ``down`` weight ``W``: keeps ``gate`` and ``up`` only.
+
+    Through autograd the down projection would also keep its input ``h = silu(gate) * up`` (as large as
+    ``gate``); here backward recomputes ``h`` from ``gate`` and ``up``: ``dW = g^T h``, ``dh = g W``, then
+    the SwiGLU derivatives of :class:`SiluMulFunction`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gate: Tensor, up: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate) * up, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        gate, up, weight = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            h = silu * up
+            grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))
+            del h
+        grad_h = grad.matmul(weight)
+        grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))
+        return grad_gate, grad_h * silu, grad_w
+
+
+class HeadTokenLogps(torch.autograd.Function):
+    """``log softmax(hidden @ weight^T)[target]`` per row, a chunk of rows at a time.
+
+    The vocabulary projection's output (rows x vocabulary, float32) is the largest tensor of a training
+    step on a small model, and its backward needs two more of it. Here only ``chunk`` rows of logits exist
+    at once: forward keeps ``hidden`` and the log-normaliser per row; backward recomputes each chunk's
+    logits (one more pass of the projection, a few per cent of a step), with
+    ``d logp / d logits = onehot(target) - softmax(logits)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for i in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[i : i + chunk], weight).float()
+            lse[i : i + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, targets[i : i + chunk].unsqueeze(-1)).squeeze(-1)
+            out[i : i + chunk] = picked - lse[i : i + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[i : i + ctx.chunk]
+            g = grad[i : i + ctx.chunk].float()
+            probs = (F.linear(h, weight).float() - lse[i : i + ctx.chunk, None]).exp_()
+            dlogits = probs.mul_(-g[:, None])  # -g * softmax, in place
+            dlogits.scatter_add_(-1, targets[i : i + ctx.chunk, None], g[:, None])  # + g at the target
+            dlogits = dlogits.to(hidden.dtype)
+            if need_h:
+                grad_h[i : i + ctx.chunk] = dlogits.mm(weight)
+            if need_w:
+                grad_w.addmm_(dlogits.t(), h)
+        return grad_h, grad_w, None, None
+
+
+HEAD_CHUNK = 128
+"""Rows of logits :class:`HeadTokenLogps` holds at once (128 x 49,152 float32 = 24 MiB for SmolLM2)."""
+
+FUSED_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""Model types whose logits are exactly ``lm_head(final hidden state)`` (no scaling or soft-capping)."""
+
+
+def plain_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The model's bias-free linear vocabulary projection, if its logits are nothing more than that;
+    ``None`` otherwise (unknown architectures, LoRA on the head). Looks through DDP and PEFT wrappers."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in FUSED_HEAD_TYPES:
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return head if type(head) is nn.Linear and head.bias is None else None
+
+
+class hidden_instead_of_logits:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within the block, ``head`` returns its input: the model's ``logits`` output is then the final
+    hidden state at the kept positions, to be projected by :class:`HeadTokenLogps`. The model is still
+    called as a whole (so DDP and hooks see an ordinary forward)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+
+    def __enter__(self) -> None:
+        self.head.forward = _identity  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.head.forward
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def _rmsnorm_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
     return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
-    return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    if type(down) is nn.Linear and down.bias is None:  # not a LoRA-wrapped or biased projection
+        return SwiGLUDownFunction.apply(gate, up, down.weight)
+    return down(SiluMulFunction.apply(gate, up))
 
 
 def use_memory_efficient_layers(model: nn.Module) -> int:

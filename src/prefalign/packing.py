@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,15 +275,25 @@ def packed_logps(model: nn.Module, packed: Packed, average: bool = False) -> Ten
         ``[C]`` log-probabilities, one per completion (for pairs: chosen and rejected of pair i at ``2i`` and
         ``2i + 1``); sums, or means over tokens when ``average``.
     """
+    from prefalign.memory import HEAD_CHUNK, HeadTokenLogps, hidden_instead_of_logits, plain_lm_head
+
     device = next(model.parameters()).device
-    with block_attention(model, packed.layout.to(device)):
+    head = plain_lm_head(model)
+    with (
+        block_attention(model, packed.layout.to(device)),
+        hidden_instead_of_logits(head) if head is not None else nullcontext(),
+    ):
         out = model(
             input_ids=packed.input_ids.to(device),
             position_ids=packed.position_ids.to(device),
             logits_to_keep=packed.keep.to(device),
             use_cache=False,
         )
-    per_token = token_logps(out.logits[0], packed.targets.to(device))
+    targets = packed.targets.to(device)
+    if head is not None:  # out.logits holds the final hidden states at the kept positions
+        per_token = HeadTokenLogps.apply(out.logits[0], head.weight, targets, HEAD_CHUNK)
+    else:
+        per_token = token_logps(out.logits[0], targets)
     sums = torch.zeros(packed.lengths.numel(), dtype=per_token.dtype, device=device)
     sums = sums.index_add(0, packed.segment.to(device), per_token)
     return sums / packed.lengths.to(device).clamp(min=1) if average else sums

@@ -203,3 +203,12 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(on_path, tiny_model_di
         train(config(on_path, tiny_model_dir, "reuse", iterations=2, resume=True, kl_coef=0.5))
     train(config(on_path, tiny_model_dir, "reuse", iterations=2, overwrite=True))
     assert [r["step"] for r in read_metrics(on_path / "reuse") if "kl_coef" in r] == [1, 2]
+
+
+def test_a_temperature_too_small_to_sample_from_is_refused(on_path, tiny_model_dir):
+    """1e-45 would divide the logits to infinity in the training passes (NaN losses): refused up front."""
+    from prefalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"temperature must be >= 1e-05"):
+        config(on_path, tiny_model_dir, "cold", temperature=1e-45)
+    assert config(on_path, tiny_model_dir, "warm", temperature=1e-5).temperature == 1e-5

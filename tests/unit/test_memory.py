@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prefalign.memory import RMSNormFunction, SiluMulFunction, use_memory_efficient_layers
+from prefalign.memory import (
+    RMSNormFunction,
+    SiluMulFunction,
+    SwiGLUDownFunction,
+    use_memory_efficient_layers,
+)
 from prefalign.testing import tiny_causal_lm, tiny_tokenizer
 
 
@@ -26,6 +31,22 @@ def test_silu_mul_function_passes_gradcheck():
     torch.testing.assert_close(SiluMulFunction.apply(gate, up), F.silu(gate) * up)
 
 
+def test_swiglu_down_function_passes_gradcheck_and_keeps_only_gate_and_up():
+    gate = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLUDownFunction.apply, (gate, up, weight))
+    torch.testing.assert_close(SwiGLUDownFunction.apply(gate, up, weight), (F.silu(gate) * up) @ weight.t())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        SwiGLUDownFunction.apply(gate, up, weight)
+    assert [t.shape for t in saved] == [gate.shape, up.shape, weight.shape]  # no copy of silu(gate) * up
+    frozen = weight.detach()
+    out = SwiGLUDownFunction.apply(gate, up, frozen)
+    out.sum().backward()  # a frozen projection (LoRA base weights) gets no gradient computed
+    assert frozen.grad is None and gate.grad is not None
+
+
 def test_patched_model_matches_stock_model_values_and_gradients():
     tok = tiny_tokenizer()
     stock = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=3).train()
@@ -37,3 +58,44 @@ def test_patched_model_matches_stock_model_values_and_gradients():
     torch.testing.assert_close(fast(ids).logits, stock(ids).logits)
     for (name, a), b in zip(fast.named_parameters(), stock.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_head_token_logps_matches_log_softmax_in_values_and_gradients():
+    """Chunks of 3 over 7 rows (the last chunk partial): equal to the full log-softmax's picked entries."""
+    from prefalign.memory import HeadTokenLogps
+
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=torch.Generator().manual_seed(0))
+    got = HeadTokenLogps.apply(hidden, weight, targets, 3)
+    want = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
+    g = torch.randn(7, dtype=torch.float64)
+    got_grads = torch.autograd.grad(got, (hidden, weight), g.float())
+    want_grads = torch.autograd.grad(want, (hidden, weight), g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_logps_through_the_chunked_head_equals_the_model_logits_path():
+    """prefalign.packing.packed_logps projects hidden states itself on Llama-type models; the values and
+    gradients equal those computed from the model's own logits."""
+    from prefalign.data import encode_preferences
+    from prefalign.memory import plain_lm_head
+    from prefalign.packing import pack_pairs, packed_logps
+    from prefalign.testing import synthetic_pairs
+
+    tok = tiny_tokenizer()
+    pairs = encode_preferences(tok, synthetic_pairs(3, seed=1), 64)
+    fast = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=5)
+    stock = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=5)
+    assert plain_lm_head(fast) is fast.lm_head
+    stock.config.model_type = "unknown"  # falls back to the model's logits
+    assert plain_lm_head(stock) is None
+    a, b = packed_logps(fast, pack_pairs(pairs)), packed_logps(stock, pack_pairs(pairs))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), stock.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert fast.lm_head.forward(torch.ones(1, 64)).shape[-1] == len(tok)  # the head is restored

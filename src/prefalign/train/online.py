@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from prefalign.config import ConfigError
-from prefalign.generation import GenerationOutput, generate, position_ids_from_mask, response_logprobs
+from prefalign.generation import (
+    MIN_TEMPERATURE,
+    GenerationOutput,
+    generate,
+    position_ids_from_mask,
+    response_logprobs,
+)
 from prefalign.losses import KL_ESTIMATORS, token_logps
 from prefalign.train.loop import OPTIMIZERS, SCHEDULES
 
@@ -126,7 +132,11 @@ class OnlineConfig:
             (self.epochs is None or 0 < self.epochs < math.inf, f"epochs must be > 0 and finite, got {self.epochs}"),
             (self.rollout_batch >= 1, f"rollout_batch must be >= 1, got {self.rollout_batch}"),
             (self.response_length >= 1, f"response_length must be >= 1, got {self.response_length}"),
-            (0 < self.temperature < math.inf, f"temperature must be > 0, got {self.temperature}"),
+            (
+                MIN_TEMPERATURE <= self.temperature < math.inf,
+                f"temperature must be >= {MIN_TEMPERATURE} and finite (online methods learn from a sampling "
+                f"distribution, not greedy decoding), got {self.temperature}",
+            ),
             (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
             (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
             (1 <= self.minibatches <= self.rollout_batch, f"minibatches must be in [1, rollout_batch], got {self.minibatches}"),
