@@ -9,7 +9,7 @@ Each run is a fresh process, timed from start to exit (model loading included); 
 process tree's maximum resident set. Prints per-run figures and the ratios prefalign / TRL.
 
 Usage:
-    python benchmarks/dpo_vs_trl.py [--pairs 64] [--peers ~/.cache/peers] [--variants default,precompute]
+    python benchmarks/dpo_vs_trl.py [--pairs 64] [--peers ~/.cache/peers] [--variants default,frozen-ref]
                                     [--repeat 2]
 """
 
@@ -132,7 +132,7 @@ def main() -> None:
     )
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--peers", type=Path, default=Path.home() / ".cache" / "peers")
-    parser.add_argument("--variants", default="default,precompute")
+    parser.add_argument("--variants", default="default,frozen-ref")
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per side, interleaved; the median is reported"
     )
