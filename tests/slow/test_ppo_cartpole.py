@@ -7,7 +7,7 @@ import pytest
 from prefalign.rl.ppo import PPOConfig, train
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(10))
 def test_ppo_reaches_475_on_cartpole_within_100k_steps(seed, tmp_path):
     """With the default settings, a 10-episode deterministic evaluation every 8192 steps
     reaches a mean of at least 475 (the env's reward threshold; the maximum is 500) before the budget
