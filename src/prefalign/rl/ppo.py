@@ -553,8 +553,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         ``env_steps`` (vector steps x envs, reset steps included), ``solved_steps`` (env steps at the
         first evaluation reaching ``target_return``, else None), ``wall_seconds`` (training and
         evaluations, from after ``build``: the span Stable-Baselines3's benchmark script times),
-        ``setup_seconds`` (``build``: env, model, optimiser; torch's first optimiser imports
-        ``torch._dynamo``, which takes seconds), and the config.
+        ``setup_seconds`` (``build``: env, model, optimiser), and the config.
     """
     t_setup = time.perf_counter()
     out_dir = Path(cfg.output)
