@@ -387,7 +387,7 @@ def _minibatch_loss(
 
 def update(
     model: ActorCritic,
-    opt: torch.optim.Optimizer,
+    opt: FlatAdam | torch.optim.Optimizer,
     ro: Rollout,
     cfg: PPOConfig,
     gen: torch.Generator,
