@@ -111,13 +111,7 @@ class HeadTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        for i in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[i : i + chunk], weight).float()
-            lse[i : i + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(-1, targets[i : i + chunk].unsqueeze(-1)).squeeze(-1)
-            out[i : i + chunk] = picked - lse[i : i + chunk]
+        out, lse, _ = head_logps(hidden, weight, targets, chunk)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
         return out
@@ -140,6 +134,27 @@ class HeadTokenLogps(torch.autograd.Function):
             if need_w:
                 grad_w.addmm_(dlogits.t(), h)
         return grad_h, grad_w, None, None
+
+
+def head_logps(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, entropy: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Without gradients: per row, the log-prob of ``targets`` under ``hidden @ weight^T``, the
+    log-normaliser, and (``entropy``) the distribution's entropy, ``chunk`` rows at a time. The
+    arithmetic of :class:`HeadTokenLogps`' forward, so the two agree exactly on the same rows."""
+    with torch.no_grad():
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        ent = torch.empty_like(out) if entropy else None
+        for i in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[i : i + chunk], weight).float()
+            lse[i : i + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, targets[i : i + chunk].unsqueeze(-1)).squeeze(-1)
+            out[i : i + chunk] = picked - lse[i : i + chunk]
+            if ent is not None:  # H = lse - sum(p * logits)
+                probs = (logits - lse[i : i + chunk, None]).exp_()
+                ent[i : i + chunk] = lse[i : i + chunk] - (probs * logits).sum(-1)
+    return out, lse, ent
 
 
 HEAD_CHUNK = 128

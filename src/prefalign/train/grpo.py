@@ -31,7 +31,6 @@ from prefalign.losses import (
     aggregate_loss,
     group_advantages,
     grpo_token_loss,
-    token_logps,
 )
 from prefalign.memory import use_memory_efficient_layers
 from prefalign.train import online
@@ -122,11 +121,10 @@ class GroupRun(online.OnlineRun):
         add up to :func:`aggregate_loss` over the whole minibatch; and summed token statistics."""
         config = self.config
         micro = online.make_micro(rollout, rows, self.accelerator.device)
-        logits, _ = self.module(micro, config.temperature, with_values=False)
-        logprobs = token_logps(logits, micro.response_ids)
-        take = {k: micro.take(v).to(logits.device) for k, v in batch.items() if v.dim() == 2}
+        logprobs, _ = self.module(micro, config.temperature, with_values=False, targets=micro.response_ids)
+        take = {k: micro.take(v).to(logprobs.device) for k, v in batch.items() if v.dim() == 2}
         old = logprobs.detach() if fresh_old(config) else take["logprobs"]
-        adv = batch["advantages"][rows].to(logits.device)
+        adv = batch["advantages"][rows].to(logprobs.device)
         per_token, stats = grpo_token_loss(
             logprobs, old, adv, take["ref_logprobs"], config.kl_coef, config.epsilon, config.epsilon_high
         )

@@ -35,6 +35,7 @@ from prefalign.generation import (
     response_logprobs,
 )
 from prefalign.losses import KL_ESTIMATORS, token_logps
+from prefalign.memory import release_freed_memory
 from prefalign.train.loop import OPTIMIZERS, SCHEDULES
 
 
@@ -96,8 +97,9 @@ class OnlineConfig:
     """Warm-up length as a fraction of the optimiser steps."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
-    micro_batch_tokens: int = 2048
-    """Upper bound on tokens per forward pass (minibatches are split to bound memory; exact)."""
+    micro_batch_tokens: int = 512
+    """Upper bound on tokens per forward pass (minibatches are split to bound memory; exact). 512 keeps
+    the activations of a SmolLM2 update under about 1 GB; larger is a few per cent faster."""
     generation_batch: int | None = None
     """Prompts sampled together (default: the whole rollout batch of the process)."""
     max_prompt_length: int = 256
@@ -367,10 +369,50 @@ class PolicyLogits(nn.Module):
         return hidden[:, -(micro.width + 1) : -1]
 
     def forward(
-        self, micro: Micro, temperature: float, with_values: bool = False
+        self, micro: Micro, temperature: float, with_values: bool = False, targets: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token; no values."""
-        return self.policy.get_output_embeddings()(self.hidden(micro)).float() / temperature, None
+        """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token, or with
+        ``targets`` ``[b, R']`` the log-probabilities of those tokens; no values."""
+        return self.head_output(self.hidden(micro), temperature, targets), None
+
+    def old_outputs(self, micro: Micro, temperature: float) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Without gradients: the response tokens' log-probs and entropies ``[b, R']`` (computed as the
+        update computes log-probs, so that before any step the ratio is exactly 1) and the values."""
+        from prefalign.losses import entropy_from_logits
+        from prefalign.memory import HEAD_CHUNK, head_logps, plain_lm_head
+
+        with torch.no_grad():
+            targets = micro.response_ids
+            head = plain_lm_head(self.policy)
+            if head is None:
+                logits, values = self(micro, temperature)
+                return token_logps(logits, targets), entropy_from_logits(logits), values
+            hidden = self.hidden(micro)
+            values = self.values_of(micro, hidden)
+            scaled = hidden if temperature == 1 else hidden / temperature
+            flat = scaled.reshape(-1, scaled.shape[-1])
+            logp, _, ent = head_logps(flat, head.weight, targets.reshape(-1), HEAD_CHUNK, entropy=True)
+            return logp.view(targets.shape), ent.view(targets.shape), values
+
+    def values_of(self, micro: Micro, hidden: Tensor) -> Tensor | None:
+        """The critic's values ``[b, R']`` (none here: no critic)."""
+        return None
+
+    def head_output(self, hidden: Tensor, temperature: float, targets: Tensor | None) -> Tensor:
+        """Logits from ``hidden`` (over temperature), or the log-probs of ``targets`` under them. Log-probs
+        of a plain linear head are computed a chunk of rows at a time (no ``[b, R', V]`` tensor, nor its
+        gradient, ever exists: :class:`prefalign.memory.HeadTokenLogps`)."""
+        from prefalign.memory import HEAD_CHUNK, HeadTokenLogps, plain_lm_head
+
+        head = plain_lm_head(self.policy) if targets is not None else None
+        if head is None:
+            logits = self.policy.get_output_embeddings()(hidden).float() / temperature
+            return logits if targets is None else token_logps(logits, targets)
+        scaled = hidden if temperature == 1 else hidden / temperature  # (h / T) W^T = (h W^T) / T
+        flat = HeadTokenLogps.apply(
+            scaled.reshape(-1, scaled.shape[-1]), head.weight, targets.reshape(-1), HEAD_CHUNK
+        )
+        return flat.view(targets.shape)
 
 
 class PolicyWithValue(PolicyLogits):
@@ -391,21 +433,23 @@ class PolicyWithValue(PolicyLogits):
             nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, micro: Micro, temperature: float, with_values: bool = True
+        self, micro: Micro, temperature: float, with_values: bool = True, targets: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token, and the
-        values ``[b, R']`` of the states they are predicted from."""
+        """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token (with
+        ``targets``: the log-probs of those tokens), and the values ``[b, R']`` of the states they are
+        predicted from."""
         hidden = self.hidden(micro)
-        logits = self.policy.get_output_embeddings()(hidden).float() / temperature
-        values = None
-        if with_values and self.value_head is not None:
-            values = self.value_head(hidden).squeeze(-1).float()
-        elif with_values:
-            from prefalign.models import token_scores
+        logits = self.head_output(hidden, temperature, targets)
+        return logits, (self.values_of(micro, hidden) if with_values else None)
 
-            values = token_scores(self.value_model, micro.input_ids, micro.attention_mask)
-            values = values[:, -(micro.width + 1) : -1]
-        return logits, values
+    def values_of(self, micro: Micro, hidden: Tensor) -> Tensor | None:
+        """Values ``[b, R']``: the trunk head on ``hidden``, or the separate critic's own pass."""
+        if self.value_head is not None:
+            return self.value_head(hidden).squeeze(-1).float()
+        from prefalign.models import token_scores
+
+        values = token_scores(self.value_model, micro.input_ids, micro.attention_mask)
+        return values[:, -(micro.width + 1) : -1]
 
 
 def old_pass(
@@ -413,8 +457,6 @@ def old_pass(
 ) -> None:
     """Fill ``rollout.logprobs``, ``.values`` and ``.entropy`` before any update, micro-batch by
     micro-batch in the layout of the first update pass (same rows, same widths: the same arithmetic)."""
-    from prefalign.losses import entropy_from_logits
-
     shape = rollout.out.response_ids.shape
     rollout.logprobs = torch.zeros(shape)
     rollout.values = torch.zeros(shape)
@@ -422,10 +464,10 @@ def old_pass(
     with torch.no_grad():
         for rows in plans:
             micro = make_micro(rollout, rows, device)
-            logits, values = module(micro, temperature)
+            logprobs, entropy, values = module.old_outputs(micro, temperature)
             w = micro.width
-            rollout.logprobs[rows, :w] = (token_logps(logits, micro.response_ids) * micro.mask).cpu()
-            rollout.entropy[rows, :w] = (entropy_from_logits(logits) * micro.mask).cpu()
+            rollout.logprobs[rows, :w] = (logprobs * micro.mask).cpu()
+            rollout.entropy[rows, :w] = (entropy * micro.mask).cpu()
             if values is not None:
                 rollout.values[rows, :w] = (values * micro.mask).cpu()
 
@@ -563,12 +605,14 @@ def build_run(run_class: type, config: OnlineConfig, acc: Any, module: nn.Module
               held: tuple, **parts: Any) -> Any:  # fmt: skip
     """A ``run_class`` run: the optimiser and schedule over ``module``'s trainable parameters, prepared by
     the accelerator; ``parts`` are the run's other fields (reference, source, tokenizer, ...)."""
-    from prefalign.train.loop import make_optimizer, make_scheduler
+    from prefalign.train.loop import contiguous_gradients, make_optimizer, make_scheduler
 
     iterations = config.total_iterations(len(prompts[0]))
-    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
     scheduler = make_scheduler(optimizer, config, iterations * config.ppo_epochs * config.minibatches)
     module, optimizer = acc.prepare(module, optimizer)
+    contiguous_gradients(params)  # zeroed in place after each step (optimizer_step)
     return run_class(
         config=config, accelerator=acc, module=module, optimizer=optimizer, scheduler=scheduler,
         prompts=prompts, eval_prompts=held, iterations=iterations, **parts,
@@ -671,7 +715,8 @@ def optimizer_step(
     grad_norm = acc.clip_grad_norm_(params, run.config.max_grad_norm) if run.config.max_grad_norm else None
     run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=False)  # the gradients' one buffer stays (contiguous_gradients)
+    release_freed_memory()
     totals = global_sum(acc, *(float(v) for v in sums.values()))
     row = {k: v / max(norm, 1.0) for k, v in zip(sums, totals, strict=True)}
     row["policy/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.kl import AdaptiveKLController, FixedKLController
-from prefalign.losses import KL_ESTIMATORS, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_logps
+from prefalign.losses import KL_ESTIMATORS, gae, masked_mean, ppo_policy_loss, ppo_value_loss
 from prefalign.memory import use_memory_efficient_layers
 from prefalign.train import online
 
@@ -118,11 +118,10 @@ def micro_loss(
     """Summed (not averaged) policy + value loss of one micro-batch, and summed statistics."""
     config = run.config
     micro = online.make_micro(rollout, rows, run.accelerator.device)
-    logits, values = run.module(micro, config.temperature)
-    take = {k: micro.take(v).to(logits.device) for k, v in batch.items()}
+    logprobs, values = run.module(micro, config.temperature, targets=micro.response_ids)
+    take = {k: micro.take(v).to(logprobs.device) for k, v in batch.items()}
     mask = micro.mask
     n = mask.sum()
-    logprobs = token_logps(logits, micro.response_ids)
     pg, stats = ppo_policy_loss(logprobs, take["logprobs"], take["advantages"], mask, config.cliprange)
     vf = ppo_value_loss(values, take["values"], take["returns"], mask, config.cliprange_value)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from prefalign.config import config_from_args
-from prefalign.losses import rloo_advantages, rloo_rewards, rloo_sequence_loss, token_logps
+from prefalign.losses import rloo_advantages, rloo_rewards, rloo_sequence_loss
 from prefalign.train import grpo, online
 
 
@@ -51,10 +51,11 @@ class RLOORun(grpo.GroupRun):
         and summed per-response statistics."""
         config = self.config
         micro = online.make_micro(rollout, rows, self.accelerator.device)
-        logits, _ = self.module(micro, config.temperature, with_values=False)
-        logprobs = token_logps(logits, micro.response_ids)
-        old = logprobs.detach() if grpo.fresh_old(config) else micro.take(batch["logprobs"]).to(logits.device)
-        adv = batch["advantages"][rows].to(logits.device)
+        logprobs, _ = self.module(micro, config.temperature, with_values=False, targets=micro.response_ids)
+        old = (
+            logprobs.detach() if grpo.fresh_old(config) else micro.take(batch["logprobs"]).to(logprobs.device)
+        )
+        adv = batch["advantages"][rows].to(logprobs.device)
         loss, stats = rloo_sequence_loss(logprobs, old, adv, micro.mask, config.epsilon, config.epsilon_high)
         sums = {
             "policy/loss": loss.detach().sum(),
