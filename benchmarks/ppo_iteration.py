@@ -123,9 +123,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
             plain.append(run_plain(args.python, model_dir, args.iterations, args.lr))
-            print(f"plain: {plain[-1]['per_iter']:.2f} s/iter, peak {plain[-1]['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"plain: {plain[-1]['per_iter']:.2f} s/iter, peak {plain[-1]['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
             ours.append(run_ours(Path(tmp) / f"r{r}", args.iterations, args.lr))
-            print(f"prefalign: {ours[-1]['per_iter']:.2f} s/iter, peak {ours[-1]['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"prefalign: {ours[-1]['per_iter']:.2f} s/iter, peak {ours[-1]['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     speed = sampler_speed()
     med = lambda runs, k: statistics.median(x[k] for x in runs)  # noqa: E731
     print(f"{'':10} {'s/iter':>8} {'generate':>9} {'update':>8} {'other':>7} {'peak MB':>8}")

@@ -67,7 +67,11 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def _match_config(parser: argparse.ArgumentParser, classes: list[type]) -> type | None:
-    """The config dataclass whose fields are exactly the parser's options (``--config`` aside)."""
+    """The config dataclass the parser's options come from (``--config`` aside): the one it names, else the
+    one whose fields are exactly its options."""
+    named = parser.get_default("config_class")
+    if named is not None:
+        return named
     options = _options(parser)
     if not options:
         return None
@@ -151,6 +155,14 @@ def command_page(name: str) -> str:
                 out += [parser.description, ""]
         if cls is not None:
             out += [f"Options (from `{cls.__module__}.{cls.__qualname__}`):", "", options_table(cls), ""]
+            if any("--num-processes" in a.option_strings for a in parser._actions):
+                out += [
+                    "Running on several processes: `--num-processes N` relaunches the command under "
+                    "`torchrun` (N processes on one machine); `--launch-config FILE` relaunches it under "
+                    "`accelerate launch` with an Accelerate config (`configs/accelerate/`: DDP, FSDP, "
+                    'DeepSpeed ZeRO-2/3). See the README\'s "Running at scale".',
+                    "",
+                ]
         else:
             out += ["```text", parser.format_help().rstrip(), "```", ""]
     return "\n".join(out)

@@ -205,7 +205,7 @@ for A, rt, expected in ((1, 0.5, 0.5), (1, 1.5, 1.2), (-1, 0.5, -0.8), (-1, 1.5,
 # 32 steps, GAE ($\gamma = 0.98$, $\lambda = 0.8$), 20 epochs of minibatches of 128 per rollout, and a
 # deterministic evaluation of 5 episodes every 4096 environment steps. Budgets here are small so that
 # the chapter runs in about 15 seconds on a 2-core CPU: 16,384 environment steps per run (the slow test
-# suite gives PPO 100,000 and three seeds). A2C takes one gradient step per rollout (ratio 1, no clip) and
+# suite gives PPO 100,000 and ten seeds). A2C takes one gradient step per rollout (ratio 1, no clip) and
 # is shown with the same budget for contrast; it needs many more environment steps on this problem.
 
 

@@ -49,6 +49,24 @@ Messages = list[dict[str, Any]]
 Row = dict[str, Any]
 
 
+class LocatedRow(dict):
+    """A validated row that remembers where it was read (``where``: ``pairs.jsonl:17``), so that a
+    training step that goes wrong can name its examples. Otherwise an ordinary dict."""
+
+    where: str | None = None
+
+
+def located(row: Row, where: str) -> LocatedRow:
+    out = LocatedRow(row)
+    out.where = where
+    return out
+
+
+def location(row: Any) -> str | None:
+    """Where a row returned by ``load_preferences`` / ``load_sft`` / ``load_prompts`` was read."""
+    return getattr(row, "where", None)
+
+
 class DataError(ValueError):
     """A user's dataset is unreadable or malformed; the message names the source and the line or row."""
 
@@ -503,7 +521,7 @@ def load_preferences(source: str | Path, split: str = "train") -> list[Row]:
     Raises:
         DataError: on the first bad row (nothing is returned), or if no usable pair remains.
     """
-    rows = [validate_preference(row, where) for where, row in iter_rows(source, split)]
+    rows = [located(validate_preference(row, where), where) for where, row in iter_rows(source, split)]
     kept = [row for row in rows if row["chosen"] != row["rejected"]]
     if len(kept) < len(rows):
         warnings.warn(
@@ -523,7 +541,7 @@ def load_sft(source: str | Path, split: str = "train") -> list[Row]:
     Raises:
         DataError: on the first bad row (nothing is returned), or if the source has no rows.
     """
-    rows = [validate_sft(row, where) for where, row in iter_rows(source, split)]
+    rows = [located(validate_sft(row, where), where) for where, row in iter_rows(source, split)]
     if not rows:
         raise DataError(f"{_source_name(source)}: no examples")
     return rows
@@ -535,7 +553,7 @@ def load_prompts(source: str | Path, split: str = "train") -> list[Row]:
     Raises:
         DataError: on the first bad row (nothing is returned), or if the source has no rows.
     """
-    rows = [validate_prompt(row, where) for where, row in iter_rows(source, split)]
+    rows = [located(validate_prompt(row, where), where) for where, row in iter_rows(source, split)]
     if not rows:
         raise DataError(f"{_source_name(source)}: no prompts")
     return rows

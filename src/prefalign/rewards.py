@@ -346,11 +346,11 @@ def _score_command(args: Any) -> int:
     from pathlib import Path
 
     from prefalign.config import config_from_args
+    from prefalign.generation import check_output_file
 
     config = config_from_args(ScoreConfig, args)
     out = Path(config.output)
-    if out.is_dir():
-        raise RewardError(f"--output {out} is a folder; give a .jsonl file path")
+    check_output_file(out)  # a folder, a path under a file, an unwritable place: refused before scoring
     records = run_score(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:

@@ -4,6 +4,7 @@ gradient stops being finite stops (or skips the step) instead of writing a NaN m
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -134,9 +135,12 @@ def config(model_dir, pairs, out, **kw):
 def test_a_non_finite_step_stops_the_run_naming_it_and_keeps_the_last_good_state(
     tiny_model_dir, pairs, tmp_path
 ):
-    """lr 1e30: the first update sends the weights to ~1e30, so step 2's loss is not finite."""
-    with pytest.raises(DivergenceError, match="step 2: the loss .* not finite"):
+    """lr 1e30: the first update sends the weights to ~1e30, so step 2's loss is not finite. The message
+    names the step's four pairs by file and line."""
+    with pytest.raises(DivergenceError, match="step 2: the loss .* not finite") as err:
         train(config(tiny_model_dir, pairs, tmp_path, lr=1e30, max_steps=4))
+    named = re.findall(r"pairs\.jsonl:(\d+)", str(err.value))
+    assert len(set(named)) == 4 and all(1 <= int(n) <= 16 for n in named), str(err.value)
     assert [p.name for p in checkpoint_folders(tmp_path)] == ["step-1"]
     assert not (tmp_path / "model.safetensors").exists()  # no NaN model written as the result
     assert [m["step"] for m in read_metrics(tmp_path)] == [1]

@@ -55,3 +55,18 @@ def test_score_names_the_row_without_a_completion(tmp_path, capsys):
         == 2
     )
     assert 'bad.jsonl:2: missing field "completion"' in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "samples.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    taken = tmp_path / "taken"
+    taken.write_text("")
+
+    def no_scoring(config):
+        raise AssertionError("scored before checking the output")
+
+    monkeypatch.setattr("prefalign.rewards.run_score", no_scoring)
+    for out, why in ((tmp_path, "is a folder"), (taken / "scored.jsonl", "which is a file")):
+        assert main(["score", "--data", str(data), "--output", str(out), "--reward", "sentiment"]) == 2
+        assert why in capsys.readouterr().err

@@ -311,7 +311,7 @@ def split_rows(
 def load_pairs(config: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Read, validate, tokenise and split preference data (DPO, reward models); each example gets its
     ``index`` in its set."""
-    from prefalign.data import encode_preferences, load_preferences
+    from prefalign.data import encode_preferences, load_preferences, location
 
     rows, held = split_rows(
         load_preferences(config.data),
@@ -325,9 +325,10 @@ def load_pairs(config: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
         encode_preferences(tokenizer, r, config.max_length, config.max_prompt_length, config.raw) if r else []
         for r in (rows, held)
     ]
-    for examples in sets:
-        for i, ex in enumerate(examples):
+    for examples, source in zip(sets, (rows, held), strict=True):
+        for i, (ex, row) in enumerate(zip(examples, source, strict=True)):
             ex["index"] = i
+            ex["where"] = location(row)
     return sets[0], sets[1]
 
 
@@ -1165,10 +1166,9 @@ def _one_step(run: _Run, batch: list[int]) -> dict[str, float]:
         )
     else:
         run.optimizer.zero_grad(set_to_none=sharded(accelerator))
-        where = [ex.get("index") for ex in share if ex.get("index") is not None]
         raise DivergenceError(
             f"step {run.state['step'] + 1}: the loss ({metrics['loss']}) or the gradient norm ({grad_norm}) "
-            "is not finite" + (f" (training examples {where} on this process)" if where else "")
+            f"is not finite (the step's examples: {describe_examples([run.train_examples[i] for i in batch])})"
         )
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=sharded(accelerator))  # in place: see contiguous_gradients
@@ -1200,6 +1200,14 @@ def _sum_over_processes(
     )
     vec = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
     return {k: vec[i] for i, k in enumerate(keys)}, int(vec[-2]), int(vec[-1])
+
+
+def describe_examples(examples: Sequence[dict[str, Any]], limit: int = 8) -> str:
+    """Where examples were read, for messages: ``pairs.jsonl:3, pairs.jsonl:17`` (or their indices in
+    the training set when their source has no lines), the first ``limit`` of them."""
+    names = [ex.get("where") or f"#{ex.get('index')}" for ex in examples[:limit]]
+    more = len(examples) - limit
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
 
 def _clip(accelerator: Any, model: nn.Module, max_norm: float) -> float:

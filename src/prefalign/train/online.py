@@ -97,9 +97,9 @@ class OnlineConfig:
     """Warm-up length as a fraction of the optimiser steps."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
-    micro_batch_tokens: int = 512
-    """Upper bound on tokens per forward pass (minibatches are split to bound memory; exact). 512 keeps
-    the activations of a SmolLM2 update under about 1 GB; larger is a few per cent faster."""
+    micro_batch_tokens: int = 2048
+    """Upper bound on tokens per forward pass (minibatches are split to bound memory; exact). 512 cuts
+    the peak of a SmolLM2 GRPO run from about 5.1 to 4.3 GB for about 8 per cent more time per iteration."""
     generation_batch: int | None = None
     """Prompts sampled together (default: the whole rollout batch of the process)."""
     max_prompt_length: int = 256
@@ -605,14 +605,12 @@ def build_run(run_class: type, config: OnlineConfig, acc: Any, module: nn.Module
               held: tuple, **parts: Any) -> Any:  # fmt: skip
     """A ``run_class`` run: the optimiser and schedule over ``module``'s trainable parameters, prepared by
     the accelerator; ``parts`` are the run's other fields (reference, source, tokenizer, ...)."""
-    from prefalign.train.loop import contiguous_gradients, make_optimizer, make_scheduler
+    from prefalign.train.loop import make_optimizer, make_scheduler
 
     iterations = config.total_iterations(len(prompts[0]))
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
     scheduler = make_scheduler(optimizer, config, iterations * config.ppo_epochs * config.minibatches)
     module, optimizer = acc.prepare(module, optimizer)
-    contiguous_gradients(params)  # zeroed in place after each step (optimizer_step)
     return run_class(
         config=config, accelerator=acc, module=module, optimizer=optimizer, scheduler=scheduler,
         prompts=prompts, eval_prompts=held, iterations=iterations, **parts,
@@ -715,7 +713,7 @@ def optimizer_step(
     grad_norm = acc.clip_grad_norm_(params, run.config.max_grad_norm) if run.config.max_grad_norm else None
     run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=False)  # the gradients' one buffer stays (contiguous_gradients)
+    run.optimizer.zero_grad(set_to_none=True)  # no gradients held through the next sampling phase
     release_freed_memory()
     totals = global_sum(acc, *(float(v) for v in sums.values()))
     row = {k: v / max(norm, 1.0) for k, v in zip(sums, totals, strict=True)}

@@ -69,7 +69,7 @@ def train(
 
     ``callback(step, model)`` is passed to :func:`~prefalign.train.loop.train_loop`.
     """
-    from prefalign.data import encode_sft_examples, load_sft
+    from prefalign.data import encode_sft_examples, load_sft, location
     from prefalign.models import load_policy, load_tokenizer
 
     check_run_folder(config)  # before any model is loaded
@@ -83,6 +83,8 @@ def train(
         config.seed,
     )
     encoded = encode_sft_examples(tokenizer, rows, config.max_length, config.raw)
+    for ex, row in zip(encoded, rows, strict=True):
+        ex["where"] = location(row)  # named if a step with it diverges
     train_set = [ex for ex in encoded if any(x != -100 for x in ex["labels"][1:])]
     if not train_set:
         raise ConfigError(f"{config.data}: no example has a completion token left to train on")
