@@ -378,3 +378,21 @@ def test_the_logged_lr_is_the_rate_the_step_used(model_dir, pairs, tmp_path):
     be read after the scheduler's step: 5e-4, then 0.)"""
     train(config(model_dir, pairs, tmp_path, max_steps=2, lr=1e-3, lr_schedule="linear"))
     assert [m["lr"] for m in read_metrics(tmp_path)] == pytest.approx([1e-3, 5e-4])
+
+
+def test_a_run_shorter_than_an_epoch_scores_only_the_pairs_it_uses(model_dir, pairs, tmp_path):
+    """Half an epoch of 16 pairs at batch 4: two steps, eight pairs; the precomputed reference table has
+    those eight rows and NaN elsewhere (a pair without a reference would make the loss NaN, not wrong)."""
+    from prefalign.train.dpo import build_objective, steps_examples
+    from prefalign.train.loop import load_pairs, step_batches
+
+    cfg = config(model_dir, pairs, tmp_path, epochs=0.5, max_steps=None)
+    used = steps_examples(cfg, 16)
+    stream = step_batches(16, 4, cfg.seed)
+    assert used == sorted(next(stream) + next(stream)) and len(used) == 8
+    assert steps_examples(config(model_dir, pairs, tmp_path, max_steps=None), 16) == list(range(16))
+    tok = tiny_tokenizer()
+    train_set, held = load_pairs(cfg, tok)
+    objective, _ = build_objective(cfg, train_set, held, model=tiny_causal_lm(tokenizer=tok, hidden_size=64))
+    scored = ~objective.ref_logps.isnan().any(-1)
+    assert scored.nonzero().flatten().tolist() == used

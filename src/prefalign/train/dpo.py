@@ -238,6 +238,23 @@ def adapter_disabled(model: nn.Module) -> Any:
     return inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
 
 
+def steps_examples(config: DPOConfig, n: int) -> list[int]:
+    """Indices of the training examples the run's steps will use, in order (all of them from one full
+    epoch on; fewer for ``--epochs`` below 1 or a small ``--max-steps``)."""
+    import torch.distributed as dist
+
+    from prefalign.train.loop import step_batches, total_steps
+
+    procs = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    stream = step_batches(n, config.examples_per_step * procs, config.seed)
+    used: set[int] = set()
+    for _ in range(total_steps(config, n, procs)):
+        used.update(next(stream))
+        if len(used) == n:
+            break
+    return sorted(used)
+
+
 def build_objective(
     config: DPOConfig,
     train: list[dict[str, Any]],
@@ -276,7 +293,11 @@ def build_objective(
         return make(), (make() if held else None)
     scorer = reference if reference is not None else model
     off = reference is None
-    ref_train = reference_pass(scorer, train, config, adapter_off=off, progress=config.progress, split=True)
+    used = steps_examples(config, len(train))  # a run shorter than an epoch scores only what it uses
+    ref_train = torch.full((len(train), 2), float("nan"))  # NaN: an unscored pair would poison the loss
+    ref_train[used] = reference_pass(
+        scorer, [train[i] for i in used], config, adapter_off=off, progress=config.progress, split=True
+    )
     ref_held = reference_pass(scorer, held, config, adapter_off=off, split=True) if held else None
     return DPOObjective(model, config, ref_logps=ref_train), (
         DPOObjective(model, config, ref_logps=ref_held) if held else None
