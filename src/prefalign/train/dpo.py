@@ -105,6 +105,7 @@ def reference_pass(
     adapter_off: bool = False,
     progress: bool = False,
     split: bool = False,
+    only: set[int] | None = None,
 ) -> Tensor:
     """Reference log-probs ``[len(examples), 2]`` (chosen, rejected), forward only, in eval mode.
 
@@ -114,6 +115,9 @@ def reference_pass(
         split: under several processes, each scores every N-th example and the shares are summed
             across processes (the other rows are zeros, so the sum is exact); every process returns the
             whole table.
+        only: score just the micro-batches that hold one of these example indices (the others' rows
+            stay 0). Micro-batches are formed over all of ``examples`` either way, so an example's
+            log-probs do not depend on which others are asked for (a resumed run gets the same numbers).
     """
     # packing is imported here, not at the top: building the parser (`--help`) must not import transformers
     import torch.distributed as dist
@@ -128,6 +132,8 @@ def reference_pass(
     groups = micro_batches(
         items, lambda item: pair_tokens(item[1]), config.micro_batch_tokens * REFERENCE_BATCH_FACTOR
     )
+    if only is not None:
+        groups = [g for g in groups if any(i in only for i, _ in g)]
     was_training = scorer.training
     scorer.eval()
     with torch.inference_mode(), adapter_disabled(scorer) if adapter_off else nullcontext():
@@ -294,10 +300,12 @@ def build_objective(
     scorer = reference if reference is not None else model
     off = reference is None
     used = steps_examples(config, len(train))  # a run shorter than an epoch scores only what it uses
-    ref_train = torch.full((len(train), 2), float("nan"))  # NaN: an unscored pair would poison the loss
-    ref_train[used] = reference_pass(
-        scorer, [train[i] for i in used], config, adapter_off=off, progress=config.progress, split=True
+    ref_train = reference_pass(
+        scorer, train, config, adapter_off=off, progress=config.progress, split=True, only=set(used)
     )
+    unused = torch.ones(len(train), dtype=torch.bool)
+    unused[used] = False
+    ref_train[unused] = float("nan")  # a pair the run does not use has no reference: NaN, never a 0
     ref_held = reference_pass(scorer, held, config, adapter_off=off, split=True) if held else None
     return DPOObjective(model, config, ref_logps=ref_train), (
         DPOObjective(model, config, ref_logps=ref_held) if held else None
