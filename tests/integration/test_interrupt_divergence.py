@@ -30,24 +30,33 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def _start_then_wait_for_steps(args: list[str], out, steps: int, **popen) -> subprocess.Popen:
+    """`python -m prefalign ARGS` in the background, returned once ``out`` holds ``steps`` metric rows."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefalign", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    deadline = time.monotonic() + 240
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"no {steps} steps in 240 s"
+        time.sleep(0.2)
+    return proc
+
+
 def test_sigint_saves_a_checkpoint_then_exits_130(tiny_model_dir, pairs, tmp_path):
     """Ctrl-C after a few steps: exit 130, a checkpoint of the last finished step (no periodic ones were
     asked for), and --resume continues from it."""
     out = tmp_path / "run"
     common = ["--model", str(tiny_model_dir), "--data", str(pairs), "--output", str(out)]
     common += ["--max-length", "64", "--batch-size", "4", "--no-progress"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefalign", "dpo", *common, "--max-steps", "100000", "--save-every", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = _start_then_wait_for_steps(
+        ["dpo", *common, "--max-steps", "100000", "--save-every", "0"], out, steps=3
     )
-    deadline = time.monotonic() + 240
-    metrics = out / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "no 3 steps in 240 s"
-        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
@@ -106,19 +115,12 @@ def test_ctrl_c_on_a_relaunched_multi_process_run_saves_then_exits_130(tiny_mode
     out = tmp_path / "run"
     common = ["--model", str(tiny_model_dir), "--data", str(pairs), "--output", str(out)]
     common += ["--max-length", "64", "--batch-size", "2", "--no-progress", "--save-every", "0"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefalign", "dpo", "--num-processes", "2", *common, "--max-steps", "100000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = _start_then_wait_for_steps(
+        ["dpo", "--num-processes", "2", *common, "--max-steps", "100000"],
+        out,
+        steps=2,
         start_new_session=True,  # its own process group, like a shell's foreground job
     )
-    deadline = time.monotonic() + 240
-    metrics = out / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "no 2 steps in 240 s"
-        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]

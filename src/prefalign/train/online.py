@@ -351,6 +351,12 @@ def make_micro(rollout: Rollout, rows: list[int], device: torch.device) -> Micro
     )
 
 
+def _rows_over_temperature(hidden: Tensor, temperature: float) -> Tensor:
+    """``[b, R', H] -> [b * R', H]`` divided by the temperature: ``(h / T) W^T = (h W^T) / T``."""
+    scaled = hidden if temperature == 1 else hidden / temperature
+    return scaled.reshape(-1, scaled.shape[-1])
+
+
 class PolicyLogits(nn.Module):
     """The policy as a module whose forward takes a :class:`Micro` (what the critic-free methods train)."""
 
@@ -389,8 +395,7 @@ class PolicyLogits(nn.Module):
                 return token_logps(logits, targets), entropy_from_logits(logits), values
             hidden = self.hidden(micro)
             values = self.values_of(micro, hidden)
-            scaled = hidden if temperature == 1 else hidden / temperature
-            flat = scaled.reshape(-1, scaled.shape[-1])
+            flat = _rows_over_temperature(hidden, temperature)
             logp, _, ent = head_logps(flat, head.weight, targets.reshape(-1), HEAD_CHUNK, entropy=True)
             return logp.view(targets.shape), ent.view(targets.shape), values
 
@@ -408,11 +413,8 @@ class PolicyLogits(nn.Module):
         if head is None:
             logits = self.policy.get_output_embeddings()(hidden).float() / temperature
             return logits if targets is None else token_logps(logits, targets)
-        scaled = hidden if temperature == 1 else hidden / temperature  # (h / T) W^T = (h W^T) / T
-        flat = HeadTokenLogps.apply(
-            scaled.reshape(-1, scaled.shape[-1]), head.weight, targets.reshape(-1), HEAD_CHUNK
-        )
-        return flat.view(targets.shape)
+        flat = _rows_over_temperature(hidden, temperature)
+        return HeadTokenLogps.apply(flat, head.weight, targets.reshape(-1), HEAD_CHUNK).view(targets.shape)
 
 
 class PolicyWithValue(PolicyLogits):
