@@ -253,11 +253,13 @@ def sharded(accelerator: Any) -> bool:
     """True under FSDP or DeepSpeed (``--launch-config``): the weights or optimiser state are split over
     the processes. Then the final model is gathered before saving; mid-run checkpoints (and so
     ``--resume``) are not written, since the optimiser state would need every process's shard."""
-    return str(getattr(accelerator, "distributed_type", "")).endswith(("FSDP", "DEEPSPEED"))
+    return _distributed_type(accelerator) in ("FSDP", "DEEPSPEED")
 
 
-def _deepspeed(accelerator: Any) -> bool:
-    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+def _distributed_type(accelerator: Any) -> str:
+    """Accelerate's ``DistributedType`` name (``NO``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``, ...)."""
+    kind = getattr(accelerator, "distributed_type", None)
+    return getattr(kind, "name", str(kind))
 
 
 def seed_everything(seed: int) -> None:
@@ -1139,7 +1141,7 @@ def _one_step(run: _Run, batch: list[int]) -> dict[str, float]:
 
         def sync(last_micro: bool, last_chunk: bool = k == len(chunks) - 1) -> Any:
             last = last_micro and last_chunk
-            if _deepspeed(accelerator):  # the engine steps on a backward marked as the step's last
+            if _distributed_type(accelerator) == "DEEPSPEED":  # its engine steps on the step's last backward
                 accelerator.gradient_state._set_sync_gradients(last)
                 return nullcontext()
             return nullcontext() if last else accelerator.no_sync(objective.model)
