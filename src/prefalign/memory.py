@@ -12,6 +12,7 @@ anything else is left as it is.
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -92,21 +93,70 @@ class SwiGLUDownFunction(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[2]:
             h = silu * up
-            grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))
+            grad_w = _weight_grad(weight, grad.reshape(-1, grad.shape[-1]), h.reshape(-1, h.shape[-1]))
             del h
         grad_h = grad.matmul(weight)
         grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))
         return grad_gate, grad_h * silu, grad_w
 
 
+GRAD_IN_PLACE = "_prefalign_grad_in_place"
+"""Attribute set on parameters whose gradient the functions below may add straight into ``.grad``."""
+
+
+def accumulate_in_place(params: list[nn.Parameter]) -> None:
+    """Let the vocabulary projection and the token embedding add their weight gradients straight into
+    these parameters' ``.grad`` (when it exists) instead of returning a fresh vocabulary-sized tensor for
+    autograd to add: for SmolLM2 that is two 113 MB temporaries per micro-batch, zero-filled, then added
+    twice. Only for single-process training that keeps ``.grad`` allocated: DDP's reducer waits for each
+    parameter's gradient to arrive through autograd, so it must not be used there."""
+    for p in params:
+        setattr(p, GRAD_IN_PLACE, True)
+
+
+def _in_place_target(weight: Tensor) -> Tensor | None:
+    grad = weight.grad if getattr(weight, GRAD_IN_PLACE, False) else None
+    return grad if grad is not None and grad.shape == weight.shape else None
+
+
+def _weight_grad(weight: Tensor, grad_out: Tensor, inputs: Tensor) -> Tensor | None:
+    """``grad_out^T @ inputs`` (2-D), added into ``weight.grad`` (returning ``None``) where allowed."""
+    into = _in_place_target(weight)
+    if into is None:
+        return grad_out.t().mm(inputs)
+    into.addmm_(grad_out.t(), inputs)
+    return None
+
+
+class LinearFunction(torch.autograd.Function):
+    """A bias-free ``x @ weight^T`` whose weight gradient, under :func:`accumulate_in_place`, is
+    accumulated into ``weight.grad`` by the matrix product itself (no fresh gradient, then a second pass
+    to add it); the saved tensors are those of ``F.linear``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(weight, grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return grad_x, grad_w
+
+
 class HeadTokenLogps(torch.autograd.Function):
-    """``log softmax(hidden @ weight^T)[target]`` per row, a chunk of rows at a time.
+    """``log softmax(hidden @ weight^T)[target]`` per row, a slice of the vocabulary at a time.
 
     The vocabulary projection's output (rows x vocabulary, float32) is the largest tensor of a training
-    step on a small model, and its backward needs two more of it. Here only ``chunk`` rows of logits exist
-    at once: forward keeps ``hidden`` and the log-normaliser per row; backward recomputes each chunk's
-    logits (one more pass of the projection, a few per cent of a step), with
-    ``d logp / d logits = onehot(target) - softmax(logits)``.
+    step on a small model, and its backward needs two more of it. Here only ``chunk`` columns of logits
+    exist at once: forward keeps ``hidden`` and the log-normaliser per row (an online log-sum-exp over the
+    slices); backward recomputes each slice's logits (one more pass of the projection, a few per cent of a
+    step), with ``d logp / d logits = onehot(target) - softmax(logits)``, and writes each slice of the
+    weight gradient once (into ``weight.grad`` directly under :func:`accumulate_in_place`).
     """
 
     @staticmethod
@@ -120,19 +170,24 @@ class HeadTokenLogps(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        for i in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[i : i + ctx.chunk]
-            g = grad[i : i + ctx.chunk].float()
-            probs = (F.linear(h, weight).float() - lse[i : i + ctx.chunk, None]).exp_()
-            dlogits = probs.mul_(-g[:, None])  # -g * softmax, in place
-            dlogits.scatter_add_(-1, targets[i : i + ctx.chunk, None], g[:, None])  # + g at the target
+        into = _in_place_target(weight) if need_w else None
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w and into is None else None
+        g = grad.float()[:, None]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        for start in range(0, weight.shape[0], ctx.chunk):
+            w = weight[start : start + ctx.chunk]
+            probs = (F.linear(hidden, w).float() - lse[:, None]).exp_()
+            dlogits = probs.mul_(-g)  # -g * softmax, in place
+            hit = (targets >= start) & (targets < start + w.shape[0])
+            dlogits[rows[hit], targets[hit] - start] += g[hit, 0]  # + g at the target
             dlogits = dlogits.to(hidden.dtype)
             if need_h:
-                grad_h[i : i + ctx.chunk] = dlogits.mm(weight)
-            if need_w:
-                grad_w.addmm_(dlogits.t(), h)
+                grad_h.addmm_(dlogits, w)
+            if into is not None:
+                into[start : start + w.shape[0]].addmm_(dlogits.t(), hidden)
+            elif grad_w is not None:
+                torch.mm(dlogits.t(), hidden, out=grad_w[start : start + w.shape[0]])
         return grad_h, grad_w, None, None
 
 
@@ -140,25 +195,63 @@ def head_logps(
     hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, entropy: bool = False
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Without gradients: per row, the log-prob of ``targets`` under ``hidden @ weight^T``, the
-    log-normaliser, and (``entropy``) the distribution's entropy, ``chunk`` rows at a time. The
-    arithmetic of :class:`HeadTokenLogps`' forward, so the two agree exactly on the same rows."""
+    log-normaliser, and (``entropy``) the distribution's entropy, ``chunk`` vocabulary entries at a time
+    with a running log-sum-exp. The arithmetic of :class:`HeadTokenLogps`' forward, and each row's
+    numbers do not depend on the other rows, so any two passes over the same row agree exactly."""
     with torch.no_grad():
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        ent = torch.empty_like(out) if entropy else None
-        for i in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[i : i + chunk], weight).float()
-            lse[i : i + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(-1, targets[i : i + chunk].unsqueeze(-1)).squeeze(-1)
-            out[i : i + chunk] = picked - lse[i : i + chunk]
-            if ent is not None:  # H = lse - sum(p * logits)
-                probs = (logits - lse[i : i + chunk, None]).exp_()
-                ent[i : i + chunk] = lse[i : i + chunk] - (probs * logits).sum(-1)
-    return out, lse, ent
+        n = hidden.shape[0]
+        top = torch.full((n,), -math.inf, device=hidden.device)
+        total = torch.zeros(n, device=hidden.device)
+        picked = torch.zeros(n, device=hidden.device)
+        weighted = torch.zeros(n, device=hidden.device) if entropy else None
+        rows = torch.arange(n, device=hidden.device)
+        for start in range(0, weight.shape[0], chunk):
+            logits = F.linear(hidden, weight[start : start + chunk]).float()
+            new_top = torch.maximum(top, logits.amax(-1))
+            rescale = (top - new_top).exp_()  # exp(-inf) = 0 on the first slice
+            exps = (logits - new_top[:, None]).exp_()
+            total = total.mul_(rescale).add_(exps.sum(-1))
+            if weighted is not None:  # sum of exp(logit - top) * logit, for the entropy
+                weighted = weighted.mul_(rescale).add_((exps * logits).sum(-1))
+            top = new_top
+            hit = (targets >= start) & (targets < start + logits.shape[1])
+            picked[hit] = logits[rows[hit], targets[hit] - start]
+        lse = top + total.log()
+        ent = lse - weighted / total if weighted is not None else None
+    return picked - lse, lse, ent
 
 
-HEAD_CHUNK = 128
-"""Rows of logits :class:`HeadTokenLogps` holds at once (128 x 49,152 float32 = 24 MiB for SmolLM2)."""
+HEAD_CHUNK = 4096
+"""Vocabulary entries :class:`HeadTokenLogps` projects at once (a 384-row micro-batch: 6 MiB of float32
+logits, where the whole 49,152-entry SmolLM2 vocabulary would take 72 MiB, plus as much again in backward)."""
+
+
+class EmbeddingFunction(torch.autograd.Function):
+    """``weight[ids]`` whose weight gradient, under :func:`accumulate_in_place`, is added row by row into
+    ``weight.grad`` (no vocabulary-sized temporary); otherwise the usual dense gradient. Rows of
+    ``padding_idx`` get no gradient, as with ``nn.Embedding``."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
+        ctx.save_for_backward(ids, weight)
+        ctx.padding_idx = padding_idx
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, None]:
+        ids, weight = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        flat_ids, rows = ids.reshape(-1), grad.reshape(-1, weight.shape[1])
+        if ctx.padding_idx is not None:
+            keep = flat_ids != ctx.padding_idx
+            flat_ids, rows = flat_ids[keep], rows[keep]
+        into = _in_place_target(weight)
+        if into is not None:
+            into.index_add_(0, flat_ids, rows.to(into.dtype))
+            return None, None, None
+        return None, torch.zeros_like(weight).index_add_(0, flat_ids, rows.to(weight.dtype)), None
+
 
 FUSED_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Model types whose logits are exactly ``lm_head(final hidden state)`` (no scaling or soft-capping)."""
@@ -205,9 +298,34 @@ def _swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
     return down(SiluMulFunction.apply(gate, up))
 
 
+def _embedding_forward(self: nn.Embedding, ids: Tensor) -> Tensor:
+    return EmbeddingFunction.apply(ids, self.weight, self.padding_idx)
+
+
+def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    return LinearFunction.apply(x, self.weight)
+
+
 def use_memory_efficient_layers(model: nn.Module) -> int:
-    """Patch every recognised RMSNorm and SwiGLU MLP of ``model`` in place; returns how many were patched."""
+    """Patch every recognised RMSNorm and SwiGLU MLP of ``model`` in place, and the token embedding of a
+    recognised model (see :class:`EmbeddingFunction`); returns how many modules were patched."""
     patched = 0
+    inner = getattr(model, "module", model)
+    embedding = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    if (
+        getattr(getattr(inner, "config", None), "model_type", None) in FUSED_HEAD_TYPES
+        and type(embedding) is nn.Embedding
+        and embedding.max_norm is None
+        and not embedding.scale_grad_by_freq
+        and not embedding.sparse
+    ):
+        embedding.forward = types.MethodType(_embedding_forward, embedding)
+        patched += 1
+        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        for module in inner.modules():  # the decoder's projections (not the vocabulary head)
+            if type(module) is nn.Linear and module.bias is None and module is not head:
+                module.forward = types.MethodType(_linear_forward, module)
+                patched += 1
     for module in model.modules():
         name = type(module).__name__
         if name in RMSNORM_CLASSES and hasattr(module, "variance_epsilon"):

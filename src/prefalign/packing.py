@@ -218,17 +218,57 @@ def _block_attention(
         raise RuntimeError("prefalign block attention used outside packed_forward()")
     blocks, width = layout.gather.shape
     heads = query.shape[1]
+    flat_gather = layout.gather.reshape(-1)
 
     def to_blocks(x: Tensor) -> Tensor:  # [1, H, N, D] -> [B, H, L, D]
-        return x[0][:, layout.gather].transpose(0, 1)
+        return (
+            _ToBlocks.apply(x[0], flat_gather, layout.scatter).unflatten(1, (blocks, width)).transpose(0, 1)
+        )
 
     q, k, v = to_blocks(query), to_blocks(key), to_blocks(value)
     # grouped-query attention: each key/value head serves a group of query heads (no repeated copies)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=layout.mask, dropout_p=dropout, scale=scaling, enable_gqa=k.shape[1] != heads
     )
-    out = out.transpose(1, 2).reshape(blocks * width, heads, -1)[layout.scatter]
+    out = _FromBlocks.apply(out.transpose(1, 2).reshape(blocks * width, heads, -1), layout.scatter)
     return out.unsqueeze(0), None
+
+
+class _ToBlocks(torch.autograd.Function):
+    """``x[:, gather]`` for ``x`` of ``[H, N, D]``: each pair's tokens copied into its padded block.
+
+    Backward reads each packed token's gradient back from its own slot (``scatter``) instead of adding up
+    every slot (what indexing's generic backward does, several times slower on CPU). That is exact here:
+    a padding slot repeats a valid token, but its gradient is zero, since padding keys are masked for
+    every query and padding query rows are dropped on the way out (:class:`_FromBlocks`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, gather: Tensor, scatter: Tensor) -> Tensor:
+        ctx.save_for_backward(scatter)
+        return x.index_select(1, gather)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (scatter,) = ctx.saved_tensors
+        return grad.index_select(1, scatter), None, None
+
+
+class _FromBlocks(torch.autograd.Function):
+    """``x[scatter]`` for ``x`` of ``[B * L, H, D]``: the valid slots back in packed order; backward
+    puts each token's gradient in its slot and zeros in the padding slots."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scatter: Tensor) -> Tensor:
+        ctx.save_for_backward(scatter)
+        ctx.slots = x.shape[0]
+        return x.index_select(0, scatter)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (scatter,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.slots, *grad.shape[1:]))
+        return out.index_copy_(0, scatter, grad), None
 
 
 def _register() -> None:

@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 
 from prefalign.cli import main
 from prefalign.config import ConfigError, field_docs
@@ -185,3 +186,24 @@ def test_a_checkpoint_saved_in_shards_is_resumed_through_its_index(tmp_path):
     assert loop.load_checkpoint(folder, fresh, optimizer, scheduler) == {"step": 3}
     for name, value in model.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_final_model_shares_the_last_checkpoint_weights(tiny_model_dir, pairs, tmp_path):
+    """The final model folder links the last checkpoint's weight file instead of writing it again; it
+    loads as a Hugging Face model, and an earlier model's shards in the folder do not survive."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (out / "model.safetensors.index.json").write_text("{}")
+    train(config(tiny_model_dir, pairs, out, max_steps=2))
+    final, saved = out / "model.safetensors", out / "checkpoints" / "step-2" / "model.safetensors"
+    assert final.stat().st_ino == saved.stat().st_ino  # one file, two names (same file system)
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert not (out / "model.safetensors.index.json").exists()
+    assert loop.checkpoint_problem(saved.parent) is None
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, tensor in load_file(str(final)).items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)

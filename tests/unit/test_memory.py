@@ -51,7 +51,9 @@ def test_patched_model_matches_stock_model_values_and_gradients():
     tok = tiny_tokenizer()
     stock = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=3).train()
     fast = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=3).train()
-    assert use_memory_efficient_layers(fast) == 2 * 2 + 1 + 2  # 2 norms + 1 MLP per layer, final norm
+    assert (
+        use_memory_efficient_layers(fast) == 2 * (2 + 1 + 7) + 1 + 1
+    )  # per layer: 2 norms, MLP, 7 projections; final norm; embedding
     ids = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
     for model in (stock, fast):
         model(ids, labels=ids).loss.backward()
@@ -99,3 +101,95 @@ def test_packed_logps_through_the_chunked_head_equals_the_model_logits_path():
     for (name, p), q in zip(fast.named_parameters(), stock.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert fast.lm_head.forward(torch.ones(1, 64)).shape[-1] == len(tok)  # the head is restored
+
+
+def test_head_token_logps_adds_into_grad_in_place_when_asked():
+    """Under accumulate_in_place the weight gradient goes straight into ``.grad`` (nothing returned),
+    adding to what is there, and equals the gradient autograd would have returned."""
+    from prefalign.memory import HeadTokenLogps, accumulate_in_place
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 5, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 13, (6,), generator=gen)
+    plain = torch.randn(13, 5, generator=gen).requires_grad_()
+    direct = plain.detach().clone().requires_grad_()
+    accumulate_in_place([direct])
+    direct.grad = torch.full_like(direct, 0.5)
+    g = torch.randn(6, generator=gen)
+    HeadTokenLogps.apply(hidden, plain, targets, 4).backward(g)
+    HeadTokenLogps.apply(hidden, direct, targets, 4).backward(g)
+    torch.testing.assert_close(direct.grad, plain.grad + 0.5)
+
+
+def test_head_logps_entropy_matches_categorical():
+    """Entropy from the running log-sum-exp over vocabulary slices equals torch's Categorical entropy."""
+    from prefalign.memory import head_logps
+
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(9, 8, generator=gen) * 3, torch.randn(50, 8, generator=gen)
+    targets = torch.randint(0, 50, (9,), generator=gen)
+    logp, lse, ent = head_logps(hidden, weight, targets, 16, entropy=True)
+    logits = hidden @ weight.t()
+    torch.testing.assert_close(ent, torch.distributions.Categorical(logits=logits).entropy())
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1))
+
+
+def test_embedding_function_gradients_match_nn_embedding():
+    """Repeated ids add up, the padding row gets nothing; in place or returned, the same gradient."""
+    from prefalign.memory import EmbeddingFunction, accumulate_in_place
+
+    ids = torch.tensor([[1, 4, 4, 0], [2, 0, 4, 3]])
+    stock = torch.nn.Embedding(6, 3, padding_idx=0)
+    g = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(3))
+    stock(ids).backward(g)
+    returned = stock.weight.detach().clone().requires_grad_()
+    out = EmbeddingFunction.apply(ids, returned, 0)
+    torch.testing.assert_close(out, stock(ids))
+    out.backward(g)
+    torch.testing.assert_close(returned.grad, stock.weight.grad)
+    direct = stock.weight.detach().clone().requires_grad_()
+    accumulate_in_place([direct])
+    direct.grad = torch.ones_like(direct)
+    EmbeddingFunction.apply(ids, direct, 0).backward(g)
+    torch.testing.assert_close(direct.grad, stock.weight.grad + 1)
+
+
+def test_tied_weights_accumulate_in_place_equal_autograd():
+    """A whole tiny model (tied embedding and head): one training backward with gradients added in place
+    equals the stock model's gradients."""
+    from prefalign.data import encode_preferences
+    from prefalign.memory import accumulate_in_place
+    from prefalign.packing import pack_pairs, packed_logps
+    from prefalign.testing import synthetic_pairs
+
+    tok = tiny_tokenizer()
+    pairs = encode_preferences(tok, synthetic_pairs(3, seed=4), 64)
+    fast = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=6)
+    stock = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=6)
+    use_memory_efficient_layers(fast)
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
+    params = list(fast.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    accumulate_in_place(params)
+    for _ in range(2):  # two micro-batches: the second adds to the first
+        packed_logps(fast, pack_pairs(pairs)).sum().backward()
+        packed_logps(stock, pack_pairs(pairs)).sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), stock.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_linear_function_passes_gradcheck_and_adds_into_grad_in_place():
+    from prefalign.memory import LinearFunction, accumulate_in_place
+
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(LinearFunction.apply, (x, w))
+    g = torch.randn(2, 3, 4, dtype=torch.float64)
+    want = torch.autograd.grad(F.linear(x, w), w, g)[0]
+    direct = w.detach().clone().requires_grad_()
+    accumulate_in_place([direct])
+    direct.grad = torch.ones_like(direct)
+    LinearFunction.apply(x, direct).backward(g)
+    torch.testing.assert_close(direct.grad, want + 1)

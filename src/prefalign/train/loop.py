@@ -17,6 +17,7 @@ equals batch 8 x 1, and 3 examples on 2 processes weigh 1/3 each.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from prefalign.config import ConfigError, config_to_dict, save_config
 from prefalign.data import batches
-from prefalign.memory import release_freed_memory, use_memory_efficient_layers
+from prefalign.memory import accumulate_in_place, use_memory_efficient_layers
 
 log = logging.getLogger(__name__)
 
@@ -511,9 +512,32 @@ is refused."""
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)  # (hashlib releases the GIL on large blocks: other threads run meanwhile)
     return digest.hexdigest()
+
+
+class _HashingWriter(io.RawIOBase):
+    """A binary file that hashes what is written to it, the hash of each large block running on a second
+    thread while the block is being written: the checksum of a gigabyte of optimiser state then costs
+    about nothing beyond the write itself, instead of reading the file back."""
+
+    def __init__(self, file: Any, pool: Any) -> None:
+        self.file, self.pool, self.digest, self.size = file, pool, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        pending = self.pool.submit(self.digest.update, view) if view.nbytes >= 1 << 20 else None
+        if pending is None:
+            self.digest.update(view)
+        self.file.write(view)
+        if pending is not None:
+            pending.result()
+        self.size += view.nbytes
+        return view.nbytes
 
 
 def _rng_state() -> dict[str, Any]:
@@ -564,28 +588,45 @@ def save_checkpoint(
     in-memory names, which is what resuming reads. Each ``extra`` module (e.g. PPO's critic) is saved as
     ``<name>.safetensors``.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if hasattr(model, "peft_config"):
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    for name, module in (extra or {}).items():
-        save_file(
-            {k: v.detach().contiguous() for k, v in module.state_dict().items()},
-            str(tmp / f"{name}.safetensors"),
-        )
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if config is not None:
-        save_config(config, tmp / "config.yaml")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
-    (tmp / "rng.json").write_text(json.dumps({"processes": rng_states or [_rng_state()]}))
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        # the weights are hashed on one thread while the optimiser state is written (and hashed) on others
+        hashed = {p: pool.submit(_sha256, p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        if hasattr(model, "peft_config"):
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        for name, module in (extra or {}).items():
+            save_file(
+                {k: v.detach().contiguous() for k, v in module.state_dict().items()},
+                str(tmp / f"{name}.safetensors"),
+            )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if config is not None:
+            save_config(config, tmp / "config.yaml")
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)  # (the manifest's SHA-256 covers it; 3x faster)
+        try:
+            with (tmp / "state.pt").open("wb") as f:
+                writer = _HashingWriter(f, pool)
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, writer)
+        finally:
+            torch.serialization.set_crc32_options(crc)
+        (tmp / "rng.json").write_text(json.dumps({"processes": rng_states or [_rng_state()]}))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        digests = {p: future.result() for p, future in hashed.items()}
+        digests[tmp / "state.pt"] = writer.digest.hexdigest()
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    manifest = {
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": digests.get(p) or _sha256(p)}
+        for p in files
+    }
     (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -711,14 +752,41 @@ def prune_checkpoints(output: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+MODEL_FILES = re.compile(
+    r"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json"
+    r"|generation_config\.json)"
+)
+"""The files ``save_pretrained`` writes for a plain (non-LoRA) model."""
+
+
 def save_final_model(
-    model: nn.Module, tokenizer: Any, output: Path, state_dict: dict[str, Tensor] | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    output: Path,
+    state_dict: dict[str, Tensor] | None = None,
+    same_as: Path | None = None,
 ) -> None:
     """Save a plain Hugging Face folder (safetensors + config + tokenizer) loadable with ``from_pretrained``.
 
     A LoRA model is saved twice: the adapter in ``output/adapter`` and the merged weights at the root.
     ``state_dict``: the full weights when they were gathered from shards (FSDP, DeepSpeed ZeRO-3).
+    ``same_as``: a checkpoint folder written from these very weights (the run's last step); its model
+    files are hard-linked instead of written again (copied where the file system has no hard links).
     """
+    if same_as is not None and state_dict is None and not hasattr(model, "peft_config"):
+        linked = [p for p in sorted(same_as.iterdir()) if MODEL_FILES.fullmatch(p.name)]
+        if any(p.name.endswith(".safetensors") for p in linked):
+            for stale in [p for p in output.iterdir() if MODEL_FILES.fullmatch(p.name)]:
+                stale.unlink()  # (an earlier model's shards must not mix with these weights)
+            for src in linked:
+                dst = output / src.name
+                try:
+                    dst.hardlink_to(src)
+                except OSError:
+                    shutil.copy2(src, dst)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(output))
+            return
     if hasattr(model, "peft_config"):
         model.save_pretrained(str(output / "adapter"), safe_serialization=True, state_dict=state_dict)
         model, state_dict = model.merge_and_unload(), None
@@ -975,6 +1043,8 @@ def train_loop(
     objective.model, optimizer = accelerator.prepare(objective.model, optimizer)
     if not sharded(accelerator):  # (FSDP / DeepSpeed manage their own gradient buffers)
         contiguous_gradients(params)
+        if accelerator.num_processes == 1:  # (DDP must see every gradient arrive through autograd)
+            accumulate_in_place(params)
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes
     if main:
         output.mkdir(parents=True, exist_ok=True)
@@ -1017,8 +1087,10 @@ def train_loop(
         writer.close()
     model = accelerator.unwrap_model(objective.model)
     full = accelerator.get_state_dict(objective.model) if sharded(accelerator) else None  # all processes
+    last = output / "checkpoints" / f"step-{state['step']}"
+    same = last if run.saved_step == state["step"] and not sharded(accelerator) and last.is_dir() else None
     if main:
-        save_final_model(model, tokenizer, output, full)
+        save_final_model(model, tokenizer, output, full, same_as=same)
     summary = {
         "steps": state["step"],
         "train_examples": len(train_examples),
@@ -1174,7 +1246,6 @@ def _one_step(run: _Run, batch: list[int]) -> dict[str, float]:
         )
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=sharded(accelerator))  # in place: see contiguous_gradients
-    release_freed_memory()
     elapsed = time.perf_counter() - t0
     if skipped:
         run.state["nonfinite_skipped"] = skipped
