@@ -485,7 +485,25 @@ def load_policy(
     log.debug("loaded %s in %.1f s", name, time.perf_counter() - start)
     if lora is not None:
         model = apply_lora(model, lora)
+    own_trainable_memory(model)
     return _finish(model, device)
+
+
+def own_trainable_memory(model: torch.nn.Module) -> int:
+    """Copy the trainable CPU weights out of the checkpoint file's memory map; returns how many.
+
+    transformers leaves loaded weights in a private memory map of the safetensors file, so the first
+    optimiser step that writes them takes a copy-on-write fault per 4 KiB page: 1.7 s for SmolLM2's 540
+    MB here, against 0.2 s to copy them once after loading (the map is released with the last view).
+    Frozen weights (a reference model, LoRA's base) stay mapped and shared with the page cache.
+    """
+    copied = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and param.device.type == "cpu":
+                param.data = param.data.clone()
+                copied += 1
+    return copied
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -548,6 +566,7 @@ def load_reward_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     if lora is not None:
         model = apply_lora(model, lora)
+    own_trainable_memory(model)
     return _finish(model, device)
 
 

@@ -179,6 +179,26 @@ def test_policy_loads_the_saved_weights(model_dir, tokenizer):
     assert loaded.dtype == torch.float32
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_trainable_weights_do_not_stay_in_the_file_map(model_dir, tmp_path):
+    """Written weights in a private map of the file would copy each page on the first optimiser step."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    def mapped(folder: Path) -> bool:
+        return any(str(folder) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    stock_folder = shutil.copytree(model_dir, tmp_path / "stock")  # paths no other test has mapped
+    stock = AutoModelForCausalLM.from_pretrained(stock_folder)
+    assert mapped(stock_folder)  # what transformers does by itself
+    folder = shutil.copytree(model_dir, tmp_path / "policy")
+    policy = load_policy(str(folder))
+    assert not mapped(folder)
+    assert all(p.requires_grad for p in policy.parameters())
+    del stock
+
+
 def test_reference_is_frozen(model_dir):
     ref = load_reference(str(model_dir))
     assert not ref.training
