@@ -128,3 +128,15 @@ def test_building_a_training_command_parser_does_not_import_the_language_model_s
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("max_norm", "scaled"), [(0.5, True), (100.0, False), (0.0, False)])
+def test_clip_returns_the_norm_before_clipping_and_scales_only_above_the_limit(max_norm, scaled):
+    """Gradient (3, 4) has norm 5: a limit of 0.5 scales it to (0.3, 0.4); 100 or 0 (off) leave it."""
+    import torch
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    model.weight.grad = torch.tensor([[3.0, 4.0]])
+    assert loop._clip(loop.make_accelerator(), model, max_norm) == pytest.approx(5.0)
+    want = torch.tensor([[0.3, 0.4]]) if scaled else torch.tensor([[3.0, 4.0]])
+    torch.testing.assert_close(model.weight.grad, want)

@@ -518,26 +518,35 @@ def _sha256(path: Path) -> str:
 
 
 class _HashingWriter(io.RawIOBase):
-    """A binary file that hashes what is written to it, the hash of each large block running on a second
-    thread while the block is being written: the checksum of a gigabyte of optimiser state then costs
-    about nothing beyond the write itself, instead of reading the file back."""
+    """A binary file that hashes what is written to it on a thread of its own: each block is queued to
+    the hasher (in order) and written at once, so the checksum of a gigabyte of optimiser state costs
+    about nothing beyond the write itself, instead of reading the file back. ``hexdigest()`` waits for
+    the queue to drain."""
 
-    def __init__(self, file: Any, pool: Any) -> None:
-        self.file, self.pool, self.digest, self.size = file, pool, hashlib.sha256(), 0
+    def __init__(self, file: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.file, self.digest = file, hashlib.sha256()
+        self.hasher = ThreadPoolExecutor(max_workers=1)  # one worker: blocks are hashed in write order
+        self.pending: list[Any] = []
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        pending = self.pool.submit(self.digest.update, view) if view.nbytes >= 1 << 20 else None
-        if pending is None:
-            self.digest.update(view)
+        # A large block is a tensor's own storage, unchanged while the checkpoint is written; a small one
+        # may be a buffer the serialiser reuses after this call returns, so it is hashed from a copy.
+        block = view if view.nbytes >= 1 << 20 else bytes(view)
+        self.pending.append(self.hasher.submit(self.digest.update, block))
         self.file.write(view)
-        if pending is not None:
-            pending.result()
-        self.size += view.nbytes
         return view.nbytes
+
+    def hexdigest(self) -> str:
+        for done in self.pending:
+            done.result()
+        self.hasher.shutdown()
+        return self.digest.hexdigest()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -595,9 +604,9 @@ def save_checkpoint(
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        # the weights are hashed on one thread while the optimiser state is written (and hashed) on others
+        # the weights are hashed on one thread while the optimiser state is written and hashed on two more
         hashed = {p: pool.submit(_sha256, p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         if hasattr(model, "peft_config"):
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -614,14 +623,14 @@ def save_checkpoint(
         torch.serialization.set_crc32_options(False)  # (the manifest's SHA-256 covers it; 3x faster)
         try:
             with (tmp / "state.pt").open("wb") as f:
-                writer = _HashingWriter(f, pool)
+                writer = _HashingWriter(f)
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, writer)
         finally:
             torch.serialization.set_crc32_options(crc)
         (tmp / "rng.json").write_text(json.dumps({"processes": rng_states or [_rng_state()]}))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         digests = {p: future.result() for p, future in hashed.items()}
-        digests[tmp / "state.pt"] = writer.digest.hexdigest()
+        digests[tmp / "state.pt"] = writer.hexdigest()
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {
         str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": digests.get(p) or _sha256(p)}
@@ -1284,7 +1293,13 @@ def describe_examples(examples: Sequence[dict[str, Any]], limit: int = 8) -> str
 
 
 def _clip(accelerator: Any, model: nn.Module, max_norm: float) -> float:
+    """The gradient norm before clipping; gradients are scaled to ``max_norm`` when above it."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm and max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+    if not params:
+        return 0.0
+    if max_norm and max_norm > 0 and (sharded(accelerator) or accelerator.scaler is not None):
+        return float(accelerator.clip_grad_norm_(params, max_norm))  # (shards, or loss-scaled gradients)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm and max_norm > 0 and norm > max_norm:  # (below it, scaling by 1 would change nothing)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
