@@ -4,7 +4,13 @@ Autograd through the stock RMSNorm keeps its input, the normalised input and the
 SwiGLU MLP it keeps the gate, the up projection, ``silu(gate)`` and their product (the down
 projection's input). The functions here keep only what the backward formula needs (RMSNorm: input and
 ``1/rms``; SwiGLU with its down projection: gate and up) and recompute the rest, about a third less
-activation memory for a Llama-style decoder at the same numerics (to float rounding). The same idea as Liger Kernel's fused ops, written as plain PyTorch.
+activation memory for a Llama-style decoder at the same numerics (to float rounding). The same idea as
+Liger Kernel's fused ops, written as plain PyTorch.
+
+The vocabulary projection (:class:`HeadTokenLogps`) never holds the logits of all rows and the whole
+vocabulary at once. The token embedding, the decoder's projections and the vocabulary projection can add
+their weight gradients straight into ``.grad`` (:func:`accumulate_in_place`), which saves a fresh
+gradient tensor and a second pass to add it, per weight and micro-batch.
 
 Only modules whose computation is known to match are patched (Llama, Mistral, Qwen2/3, SmolLM);
 anything else is left as it is.
@@ -362,7 +368,10 @@ def release_freed_memory() -> bool:
     After the first large block is freed, glibc serves later tensors from its heap, which it rarely
     shrinks: a training step's activations and gradients stay in the resident set after they die, and the
     next step's peak stacks on top of them. ``malloc_trim`` after each optimiser step returns those pages
-    at the cost of a few milliseconds (measured on the DPO benchmark in BENCHMARKS.md).
+    at the cost of a few milliseconds. The online methods (PPO, GRPO, RLOO) call it: their gradients and
+    sampling buffers come and go each iteration. The offline loop does not: with its gradients kept in
+    one buffer the peak is the same without it, and the next step would fault the pages back in (0.7-1.3 s
+    of a DPO benchmark run, BENCHMARKS.md).
 
     Returns:
         True when memory was released.
