@@ -111,11 +111,12 @@ GRAD_IN_PLACE = "_prefalign_grad_in_place"
 
 
 def accumulate_in_place(params: list[nn.Parameter]) -> None:
-    """Let the vocabulary projection and the token embedding add their weight gradients straight into
-    these parameters' ``.grad`` (when it exists) instead of returning a fresh vocabulary-sized tensor for
-    autograd to add: for SmolLM2 that is two 113 MB temporaries per micro-batch, zero-filled, then added
-    twice. Only for single-process training that keeps ``.grad`` allocated: DDP's reducer waits for each
-    parameter's gradient to arrive through autograd, so it must not be used there."""
+    """Let the vocabulary projection, the token embedding and the decoder's projections (as patched by
+    :func:`use_memory_efficient_layers`) add their weight gradients straight into these parameters'
+    ``.grad`` (when it exists) instead of returning fresh tensors for autograd to add: for SmolLM2's tied
+    embedding alone that is two 113 MB temporaries per micro-batch, zero-filled, then added twice. Only
+    for single-process training that keeps ``.grad`` allocated: DDP's reducer waits for each parameter's
+    gradient to arrive through autograd, so it must not be used there."""
     for p in params:
         setattr(p, GRAD_IN_PLACE, True)
 
@@ -313,8 +314,10 @@ def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
 
 
 def use_memory_efficient_layers(model: nn.Module) -> int:
-    """Patch every recognised RMSNorm and SwiGLU MLP of ``model`` in place, and the token embedding of a
-    recognised model (see :class:`EmbeddingFunction`); returns how many modules were patched."""
+    """Patch every recognised RMSNorm and SwiGLU MLP of ``model`` in place and, in a recognised model, the
+    token embedding and the bias-free projections (:class:`EmbeddingFunction`, :class:`LinearFunction`:
+    the same numbers, with gradients that can go straight into ``.grad``); returns how many modules
+    were patched."""
     patched = 0
     inner = getattr(model, "module", model)
     embedding = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None

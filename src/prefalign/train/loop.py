@@ -606,7 +606,8 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     with ThreadPoolExecutor(max_workers=1) as pool:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        # the weights are hashed on one thread while the optimiser state is written and hashed on two more
+        # the weights are hashed on this pool's thread while the optimiser state is written (here) and
+        # hashed (on the writer's own thread)
         hashed = {p: pool.submit(_sha256, p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         if hasattr(model, "peft_config"):
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
