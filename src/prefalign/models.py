@@ -474,6 +474,16 @@ def load_policy(
     Returns:
         The model (a peft ``PeftModel`` when ``lora`` is given), in eval mode as transformers returns it.
     """
+    model = _load_causal_lm(name, dtype, trust_remote_code, device)
+    if lora is not None:
+        model = apply_lora(model, lora)
+    own_trainable_memory(model)
+    return _finish(model, device)
+
+
+def _load_causal_lm(
+    name: str, dtype: str | torch.dtype, trust_remote_code: bool, device: str | torch.device | None
+) -> PreTrainedModel:
     path = resolve_model(name)
     _check_safetensors(path)
     torch_dtype = resolve_dtype(dtype, device)
@@ -483,10 +493,7 @@ def load_policy(
             path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     log.debug("loaded %s in %.1f s", name, time.perf_counter() - start)
-    if lora is not None:
-        model = apply_lora(model, lora)
-    own_trainable_memory(model)
-    return _finish(model, device)
+    return model
 
 
 def own_trainable_memory(model: torch.nn.Module) -> int:
@@ -520,7 +527,7 @@ def load_reference(
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
     """Load a frozen causal LM (the reference policy): eval mode, no parameter requires grad."""
-    return freeze(load_policy(name, dtype=dtype, trust_remote_code=trust_remote_code, device=device))
+    return freeze(_finish(_load_causal_lm(name, dtype, trust_remote_code, device), device))
 
 
 def load_reward_model(

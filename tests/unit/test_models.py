@@ -179,24 +179,31 @@ def test_policy_loads_the_saved_weights(model_dir, tokenizer):
     assert loaded.dtype == torch.float32
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
-def test_trainable_weights_do_not_stay_in_the_file_map(model_dir, tmp_path):
-    """Written weights in a private map of the file would copy each page on the first optimiser step."""
-    import shutil
-
+def test_trainable_weights_get_memory_of_their_own(model_dir):
+    """transformers leaves loaded weights in a private map of the safetensors file, which the first
+    optimiser step would copy a page at a time: own_trainable_memory gives every trainable weight a fresh
+    copy (same values, the tied embedding still tied) and leaves frozen weights where they are."""
     from transformers import AutoModelForCausalLM
 
-    def mapped(folder: Path) -> bool:
-        return any(str(folder) in line for line in Path("/proc/self/maps").read_text().splitlines())
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.model.norm.weight.requires_grad_(False)  # a frozen weight stays as loaded
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    assert models.own_trainable_memory(model) == len(before) - 1
+    for name, p in model.named_parameters():
+        ptr, values = before[name]
+        assert (p.data_ptr() == ptr) == (name == "model.norm.weight"), name
+        torch.testing.assert_close(p.detach(), values)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
-    stock_folder = shutil.copytree(model_dir, tmp_path / "stock")  # paths no other test has mapped
-    stock = AutoModelForCausalLM.from_pretrained(stock_folder)
-    assert mapped(stock_folder)  # what transformers does by itself
-    folder = shutil.copytree(model_dir, tmp_path / "policy")
-    policy = load_policy(str(folder))
-    assert not mapped(folder)
-    assert all(p.requires_grad for p in policy.parameters())
-    del stock
+
+def test_policy_and_reward_loaders_copy_the_trainable_weights(model_dir, monkeypatch):
+    calls = []
+    real = models.own_trainable_memory
+    monkeypatch.setattr(models, "own_trainable_memory", lambda m: calls.append(type(m).__name__) or real(m))
+    load_policy(str(model_dir))
+    load_reward_model(str(model_dir))
+    load_reference(str(model_dir))  # frozen: not copied
+    assert calls == ["LlamaForCausalLM", "LlamaForSequenceClassification"]
 
 
 def test_reference_is_frozen(model_dir):
