@@ -103,7 +103,7 @@ def test_gradient_accumulation_matches_one_big_batch(model_dir, pairs, tmp_path)
     base_weights = final_weights(tmp_path / "8x1")
     for name in ("2x4", "8x1-micro"):
         losses = [m["loss"] for m in read_metrics(tmp_path / name)]
-        assert losses == pytest.approx(base_losses, abs=1e-5)
+        assert losses == pytest.approx(base_losses, rel=1e-6, abs=1e-5)
         for k, v in final_weights(tmp_path / name).items():
             torch.testing.assert_close(v, base_weights[k], rtol=1e-5, atol=1e-5)
 
@@ -116,7 +116,7 @@ def test_gradient_accumulation_matches_one_big_batch_on_a_partial_batch(model_di
         train(config(model_dir, data, tmp_path / name, max_steps=2, lr=1e-4, **kw))
     keys = ("loss", "grad_norm")
     rows = {name: [[m[k] for k in keys] for m in read_metrics(tmp_path / name)] for name in ("2x4", "8x1")}
-    assert rows["2x4"] == [pytest.approx(r, abs=1e-5) for r in rows["8x1"]]
+    assert rows["2x4"] == [pytest.approx(r, rel=1e-6, abs=1e-5) for r in rows["8x1"]]
     for k, v in final_weights(tmp_path / "8x1").items():
         torch.testing.assert_close(final_weights(tmp_path / "2x4")[k], v, rtol=1e-5, atol=1e-5)
 
@@ -207,7 +207,7 @@ def test_precomputed_reference_gives_the_same_run_as_a_frozen_copy(model_dir, pa
     train(config(model_dir, pairs, tmp_path / "pre", max_steps=3))
     a = [m["loss"] for m in read_metrics(tmp_path / "frozen")]
     b = [m["loss"] for m in read_metrics(tmp_path / "pre")]
-    assert a == pytest.approx(b, abs=1e-5)
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-5)
 
 
 @pytest.mark.parametrize("loss_type", sorted(DPO_LOSSES))
@@ -267,7 +267,7 @@ def test_cli_lora_with_precomputed_reference_and_yaml_config(model_dir, pairs, t
         AutoModelForCausalLM.from_pretrained(out)  # merged weights load plainly
     a = [m["loss"] for m in read_metrics(tmp_path / "adapter-off")]
     b = [m["loss"] for m in read_metrics(tmp_path / "precomputed")]
-    assert a == pytest.approx(b, abs=1e-5)
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-5)
 
 
 def test_cli_reports_config_mistakes_without_traceback(model_dir, pairs, tmp_path):
@@ -342,7 +342,7 @@ def test_two_processes_train_exactly_like_one(model_dir, pairs, tmp_path):
     one_m = [[m[k] for k in keys] for m in read_metrics(tmp_path / "one")]
     two_m = [[m[k] for k in keys] for m in read_metrics(tmp_path / "two")]
     assert len(two_m) == 3
-    assert two_m == [pytest.approx(row, abs=1e-5) for row in one_m]
+    assert two_m == [pytest.approx(row, rel=1e-6, abs=1e-5) for row in one_m]
     for k, v in final_weights(tmp_path / "one").items():
         torch.testing.assert_close(final_weights(tmp_path / "two")[k], v, rtol=1e-5, atol=1e-5)
 
@@ -369,8 +369,8 @@ def test_rpo_adds_the_chosen_per_token_nll(model_dir, pairs, tmp_path):
     expected_nll = sum(nlls) / len(nlls)
     train(config(model_dir, pairs, tmp_path, max_steps=1, rpo_alpha=0.5))
     first = read_metrics(tmp_path)[0]
-    assert first["nll/chosen"] == pytest.approx(expected_nll, abs=1e-5)
-    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * expected_nll, abs=1e-5)
+    assert first["nll/chosen"] == pytest.approx(expected_nll, rel=1e-6, abs=1e-5)
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * expected_nll, rel=1e-6, abs=1e-5)
 
 
 def test_the_logged_lr_is_the_rate_the_step_used(model_dir, pairs, tmp_path):

@@ -43,7 +43,9 @@ def test_two_processes_with_uneven_shares_train_exactly_like_one(
     one_m = [[m[k] for k in keys] for m in read_metrics(tmp_path / "one")]
     two_m = [[m[k] for k in keys] for m in read_metrics(tmp_path / "two")]
     assert len(two_m) == steps
-    assert two_m == [pytest.approx(row, abs=1e-5) for row in one_m]
+    # Float32 sums split over two processes round differently from one: compare to a tolerance that scales
+    # with the value (``logps/chosen`` is about -117, where one float32 step is 7.6e-6).
+    assert two_m == [pytest.approx(row, rel=1e-6, abs=1e-5) for row in one_m]
     one_w, two_w = (
         load_file(str(tmp_path / "one" / "model.safetensors")),
         load_file(str(tmp_path / "two" / "model.safetensors")),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+from collections.abc import Sequence
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -282,30 +285,44 @@ def test_short_cartpole_run_writes_summary_and_metrics(tmp_path):
     assert rows[0]["lr"] == pytest.approx(1e-3) and rows[-1]["lr"] < rows[0]["lr"]
 
 
+def improvements(cfg: PPOConfig, seeds: Sequence[int]) -> list[tuple[float, float]]:
+    """(initial, trained) mean deterministic returns of ``cfg`` run once per seed."""
+    pairs = []
+    for seed in seeds:
+        run = dataclasses.replace(cfg, seed=seed, output=str(Path(cfg.output) / f"seed{seed}"))
+        pairs.append((initial_evaluation(run), train(run)["eval_return_mean"]))
+    return pairs
+
+
 def test_cartpole_policy_improves_on_its_initial_evaluation(tmp_path):
-    """8192 env steps with the default settings (32 updates, the first evaluation point of the
-    benchmark): on the same ten seeded evaluation episodes the deterministic return rises by more than
-    100 over the initial policy's (seed 0: 117.5 to 267.9; seeds 1-4 gain 106 to 484)."""
-    cfg = PPOConfig(total_steps=8192, eval_every=0, output=str(tmp_path), progress=False)
-    before = initial_evaluation(cfg)
-    after = train(cfg)["eval_return_mean"]
-    assert after > before + 100, (before, after)
+    """16,384 env steps with the default settings on seeds 0-2: every seed's deterministic return on its
+    ten seeded evaluation episodes rises, and by more than 200 on average.
+
+    A PPO trajectory amplifies float rounding, so the figure a seed reaches differs between processors
+    (seed 0 after 8,192 steps: 267.9 on an Intel Xeon, 152.1 on an AMD EPYC, 344.0 with torch's portable
+    kernels). The bar is set where every trajectory seen leaves a wide margin: over seeds 0-7 on three
+    kernel sets the smallest single gain was 252 (seed 5: 9 to 304) and most seeds reach the cap of 500."""
+    pairs = improvements(
+        PPOConfig(total_steps=16_384, eval_every=0, output=str(tmp_path), progress=False), range(3)
+    )
+    assert all(after > before for before, after in pairs), pairs
+    assert sum(after - before for before, after in pairs) / len(pairs) > 200, pairs
 
 
 def test_pendulum_gaussian_policy_improves_on_its_initial_evaluation(tmp_path):
     """A Gaussian policy on Pendulum-v1 (Box action in [-2, 2], reward -(theta^2 + 0.1 thetadot^2 +
     0.001 u^2) per step): the initial mode is a torque of about 0, which lets the pendulum swing
-    (about -1050 over 200 steps). After 16,384 env steps the deterministic return on the same five
-    seeded episodes is better by more than 150 (seed 0: -1046 to -237; seeds 1 and 2 gain 195 and 912)."""
+    (about -1050 to -1300 over 200 steps). After 16,384 env steps on seeds 0-2 the deterministic return on
+    the same five seeded episodes is better for every seed, and by more than 300 on average (seen on two
+    kernel sets: gains 809-911 on seeds 0 and 2, 195-275 on seed 1; the seeds' mean about 640)."""
     cfg = PPOConfig(
         env="Pendulum-v1", total_steps=16_384, num_envs=4, rollout_steps=256, epochs=10, minibatch_size=64,
         lr=3e-3, gamma=0.9, gae_lambda=0.95, eval_every=0, eval_episodes=5, output=str(tmp_path),
         progress=False,
     )  # fmt: skip
-    before = initial_evaluation(cfg)
-    summary = train(cfg)
-    assert summary["config"]["env"] == "Pendulum-v1"
-    assert summary["eval_return_mean"] > before + 150, (before, summary["eval_return_mean"])
+    pairs = improvements(cfg, range(3))
+    assert all(after > before for before, after in pairs), pairs
+    assert sum(after - before for before, after in pairs) / len(pairs) > 300, pairs
 
 
 def test_config_validation():
