@@ -5,6 +5,7 @@ worked out by hand. Shapes use ``B`` for batch, ``T`` for time/tokens and ``V`` 
 
 Sources: Rafailov et al. 2023 (DPO), Azar et al. 2023 (IPO), Chowdhury et al. 2024 (robust DPO),
 Mitchell 2023 (conservative DPO), Zhao et al. 2023 (SLiC hinge), Meng et al. 2024 (SimPO),
+Hong et al. 2024 (ORPO), Ethayarajh et al. 2024 (KTO),
 Schulman et al. 2016 (GAE) and 2017 (PPO), Ziegler et al. 2019 (RLHF), Schulman 2020 ("Approximating
 KL divergence", the k1/k2/k3 estimators).
 """
@@ -253,6 +254,99 @@ def dpo_loss(
         chosen_rewards=(beta * chosen_ratio).detach(),
         rejected_rewards=(beta * rejected_ratio).detach(),
     )
+
+
+def log1m_exp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends (Maechler 2012, "Accurately computing
+    log(1 - exp(-|a|))"): ``log(-expm1(x))`` near 0, ``log1p(-exp(x))`` far below it."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 0.1) -> DPOOutput:
+    """ORPO (Hong et al. 2024): supervised NLL of the chosen completion plus an odds-ratio penalty.
+
+    With length-averaged log-probs ``pc``, ``pr`` (so ``P = exp(p)`` is the per-token geometric-mean
+    probability) and ``odds(P) = P / (1 - P)``::
+
+        log_odds = (pc - log(1 - e^pc)) - (pr - log(1 - e^pr))
+        loss     = -pc - beta * logsigmoid(log_odds)
+
+    No reference model: the NLL term keeps the policy near the data, the odds term pushes the chosen
+    completion's odds above the rejected one's. ``beta`` is the paper's lambda.
+
+    Args:
+        chosen_logps: ``[B]`` mean per-token log pi(y_w | x) over the completion's tokens, all < 0.
+        rejected_logps: ``[B]`` the same for y_l.
+        beta: weight of the odds-ratio term, > 0.
+
+    Returns:
+        :class:`DPOOutput`: ``[B]`` losses, and detached rewards ``beta * p`` (the log-probability
+        reward ORPO reports; there is no reference).
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    log_odds = (chosen_logps - log1m_exp(chosen_logps)) - (rejected_logps - log1m_exp(rejected_logps))
+    losses = -chosen_logps - beta * F.logsigmoid(log_odds)
+    return DPOOutput(
+        losses=losses,
+        chosen_rewards=(beta * chosen_logps).detach(),
+        rejected_rewards=(beta * rejected_logps).detach(),
+    )
+
+
+def kto_reference_point(policy_logps: Tensor, reference_logps: Tensor) -> Tensor:
+    """KTO's reference point ``z0``: the batch's mean log-ratio on mismatched prompt/completion pairs.
+
+    An estimate of ``KL(pi || pi_ref)``, clamped at 0 and detached (no gradient flows through it).
+
+    Args:
+        policy_logps: ``[B]`` log pi(y_j | x_i) for completions paired with another example's prompt.
+        reference_logps: ``[B]`` the same under the reference model.
+
+    Returns:
+        A scalar tensor >= 0.
+    """
+    return (policy_logps - reference_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    labels: Tensor,
+    kl: Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """KTO (Ethayarajh et al. 2024): a prospect-theory loss on unpaired, labelled completions.
+
+    With the log-ratio ``r = policy - reference`` and the reference point ``z0 = max(kl, 0)`` (detached)::
+
+        desirable   (label True):  w_d * (1 - sigmoid(beta * (r - z0)))
+        undesirable (label False): w_u * (1 - sigmoid(beta * (z0 - r)))
+
+    Args:
+        policy_logps: ``[B]`` summed log pi(y | x) of each completion.
+        reference_logps: ``[B]`` the same under the reference model.
+        labels: ``[B]`` booleans, True for a desirable completion.
+        kl: the reference point, usually :func:`kto_reference_point` of the batch; clamped at 0 and detached.
+        beta: inverse temperature of the implicit reward, > 0.
+        desirable_weight: ``w_d`` (the paper's lambda_D), > 0.
+        undesirable_weight: ``w_u`` (lambda_U), > 0.
+
+    Returns:
+        The mean loss over the batch (a scalar).
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not (desirable_weight > 0 and undesirable_weight > 0):
+        raise ValueError(f"KTO weights must be > 0, got {desirable_weight} and {undesirable_weight}")
+    z0 = torch.as_tensor(kl, dtype=policy_logps.dtype, device=policy_logps.device).clamp(min=0).detach()
+    r = policy_logps - reference_logps
+    labels = labels.bool()
+    value = torch.where(labels, torch.sigmoid(beta * (r - z0)), torch.sigmoid(beta * (z0 - r)))
+    weight = torch.where(labels, desirable_weight, undesirable_weight).to(r.dtype)
+    return (weight * (1 - value)).mean()
 
 
 # --------------------------------------------------------------------------------------------------
