@@ -204,3 +204,14 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (readable back by :func:`build_config`)."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def check_output_folder(output: str | Path) -> None:
+    """Refuse an output folder that is a file or lies under one (checked before any work starts)."""
+    path = Path(output)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"lies under the file {folder}"
+                raise ConfigError(f"output {output} {where}; give a folder")
+            return

@@ -66,3 +66,20 @@ def test_ppo_command_writes_summary(tmp_path, capsys):
     assert summary["env_steps"] == 256 and summary["eval_episodes"] == 2
     assert summary["wall_seconds"] > 0
     assert "CartPole-v1 seed 0: eval return" in capsys.readouterr().out
+
+
+def test_unknown_env_and_file_outputs_are_one_line_errors(tmp_path, capsys):
+    """An env id gymnasium does not know, and an --output that is a file or lies under one, exit 2 with
+    one line naming the value, before any environment is built or anything is written."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    cases = [
+        (["rl", "ppo", "--env", "Nope-v1"], "env 'Nope-v1' is not a registered gymnasium environment"),
+        (["rl", "ppo", "--output", str(afile)], f"output {afile} is a file"),
+        (["rl", "random-walk", "--output", str(afile / "sub")], f"lies under the file {afile}"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert afile.read_text() == "keep me\n"

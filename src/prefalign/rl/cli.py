@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefalign.config import ConfigError, add_config_arguments, config_from_args
+from prefalign.config import ConfigError, add_config_arguments, check_output_folder, config_from_args
 
 
 @dataclass
@@ -50,6 +50,7 @@ class RandomWalkConfig:
     def __post_init__(self) -> None:
         if self.runs < 1 or self.episodes < 1:
             raise ConfigError(f"runs and episodes must be >= 1, got {self.runs}, {self.episodes}")
+        check_output_folder(self.output)
 
 
 def format_values(v: np.ndarray, rows: int, cols: int, decimals: int = 1) -> str:

@@ -49,7 +49,7 @@ from gymnasium.vector import AutoresetMode
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from prefalign.config import ConfigError, config_to_dict
+from prefalign.config import ConfigError, check_output_folder, config_to_dict
 from prefalign.losses import gae, ppo_kl_penalty_loss, ppo_policy_loss, ppo_value_loss, whiten
 
 
@@ -132,6 +132,12 @@ class PPOConfig:
             raise ConfigError(f"kl_coef must be >= 0 and kl_target > 0, got {self.kl_coef}, {self.kl_target}")
         if self.vectorization not in ("auto", "sync", "async"):
             raise ConfigError(f"vectorization must be auto, sync or async, got {self.vectorization!r}")
+        if self.env not in gym.envs.registry:
+            raise ConfigError(
+                f"env {self.env!r} is not a registered gymnasium environment (for example CartPole-v1, "
+                "Acrobot-v1, Pendulum-v1)"
+            )
+        check_output_folder(self.output)
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
