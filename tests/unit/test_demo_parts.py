@@ -73,7 +73,7 @@ def test_evaluate_policy_kl_matches_a_naive_forward_pass(tokenizer, tiny_model):
     """KL of samples from pi = sum over their tokens of log pi - log pi_ref, here by one full forward pass
     per sample and model (no KV cache, no padding), on the same samples (same seed, same batch)."""
     from prefalign.data import encode_prompt
-    from prefalign.generation import generate
+    from prefalign.generation import SamplingSettings, generate
     from prefalign.testing import tiny_causal_lm
 
     reference = tiny_causal_lm(tokenizer=tokenizer, seed=1)
@@ -82,7 +82,7 @@ def test_evaluate_policy_kl_matches_a_naive_forward_pass(tokenizer, tiny_model):
         tiny_model, reference, tokenizer, prompts, lambda p, c: [len(x) for x in c], max_new_tokens=6, seed=0
     )
     ids = [encode_prompt(tokenizer, p, raw=True) for p in prompts]
-    out = generate(tiny_model, tokenizer, ids, max_new_tokens=6, seed=0, batch_size=64)
+    out = generate(tiny_model, tokenizer, ids, SamplingSettings(max_new_tokens=6, seed=0), batch_size=64)
     assert out.texts == [r["completion"] for r in result.records]
     for i, record in enumerate(result.records):
         response = out.response_ids[i][out.response_mask[i].bool()].tolist()
