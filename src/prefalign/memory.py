@@ -3,17 +3,18 @@
 Autograd through the stock RMSNorm keeps its input, the normalised input and the output; through the
 SwiGLU MLP it keeps the gate, the up projection, ``silu(gate)`` and their product (the down
 projection's input). The functions here keep only what the backward formula needs (RMSNorm: input and
-``1/rms``; SwiGLU with its down projection: gate and up) and recompute the rest, about a third less
-activation memory for a Llama-style decoder at the same numerics (to float rounding). The same idea as
-Liger Kernel's fused ops, written as plain PyTorch.
+``1/rms``; SwiGLU with its down projection: gate and up) and recompute the rest: 21% fewer saved
+activation bytes per token on SmolLM2 (BENCHMARKS.md) at the same numerics (to float rounding). The same
+idea as Liger Kernel's fused ops, written as plain PyTorch.
 
 The vocabulary projection (:class:`HeadTokenLogps`) never holds the logits of all rows and the whole
 vocabulary at once. The token embedding, the decoder's projections and the vocabulary projection can add
 their weight gradients straight into ``.grad`` (:func:`accumulate_in_place`), which saves a fresh
 gradient tensor and a second pass to add it, per weight and micro-batch.
 
-Only modules whose computation is known to match are patched (Llama, Mistral, Qwen2/3, SmolLM);
-anything else is left as it is.
+The layers are swapped in one visible place, :class:`lean_layers` (a context manager that restores the
+stock layers on exit; it lists what it covers and what each swap buys), and only modules whose
+computation is known to match (Llama, Mistral, Qwen2/3, SmolLM); anything else is left as it is.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ GRAD_IN_PLACE = "_prefalign_grad_in_place"
 
 
 def accumulate_in_place(params: list[nn.Parameter]) -> None:
-    """Let the vocabulary projection, the token embedding and the decoder's projections (as patched by
-    :func:`use_memory_efficient_layers`) add their weight gradients straight into these parameters'
+    """Let the vocabulary projection, the token embedding and the decoder's projections (as swapped by
+    :class:`lean_layers`, which marks and unmarks the parameters) add their weight gradients straight into these parameters'
     ``.grad`` (when it exists) instead of returning fresh tensors for autograd to add: for SmolLM2's tied
     embedding alone that is two 113 MB temporaries per micro-batch, zero-filled, then added twice. Only
     for single-process training that keeps ``.grad`` allocated: DDP's reducer waits for each parameter's
@@ -313,12 +314,9 @@ def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return LinearFunction.apply(x, self.weight)
 
 
-def use_memory_efficient_layers(model: nn.Module) -> int:
-    """Patch every recognised RMSNorm and SwiGLU MLP of ``model`` in place and, in a recognised model, the
-    token embedding and the bias-free projections (:class:`EmbeddingFunction`, :class:`LinearFunction`:
-    the same numbers, with gradients that can go straight into ``.grad``); returns how many modules
-    were patched."""
-    patched = 0
+def _patch_targets(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """The modules :class:`lean_layers` swaps, each with its lean forward (see its docstring)."""
+    targets: list[tuple[nn.Module, Any]] = []
     inner = getattr(model, "module", model)
     embedding = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
     if (
@@ -328,25 +326,74 @@ def use_memory_efficient_layers(model: nn.Module) -> int:
         and not embedding.scale_grad_by_freq
         and not embedding.sparse
     ):
-        embedding.forward = types.MethodType(_embedding_forward, embedding)
-        patched += 1
+        targets.append((embedding, _embedding_forward))
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         for module in inner.modules():  # the decoder's projections (not the vocabulary head)
             if type(module) is nn.Linear and module.bias is None and module is not head:
-                module.forward = types.MethodType(_linear_forward, module)
-                patched += 1
+                targets.append((module, _linear_forward))
     for module in model.modules():
         name = type(module).__name__
         if name in RMSNORM_CLASSES and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_rmsnorm_forward, module)
-            patched += 1
+            targets.append((module, _rmsnorm_forward))
         elif name in SWIGLU_CLASSES and type(getattr(module, "act_fn", None)).__name__ in (
             "SiLU",
             "SiLUActivation",
         ):
-            module.forward = types.MethodType(_swiglu_forward, module)
-            patched += 1
-    return patched
+            targets.append((module, _swiglu_forward))
+    return targets
+
+
+class lean_layers:  # noqa: N801 - a context manager, like torch.no_grad
+    """Within the block, ``model``'s layers run through the lean functions of this module; on the way
+    out (also on an error or Ctrl-C) every module has its stock forward again and no parameter keeps a
+    ``_prefalign_*`` attribute. Both training loops enter it in one place,
+    :func:`prefalign.train.driver.train_steps`.
+
+    What is swapped (the module's ``forward``, as an instance attribute, removed on exit):
+
+    - every RMSNorm of the classes in :data:`RMSNORM_CLASSES` (:class:`RMSNormFunction`: keeps the input
+      and ``1/rms`` for backward);
+    - every SwiGLU MLP of the classes in :data:`SWIGLU_CLASSES` (:class:`SwiGLUDownFunction`: keeps gate
+      and up only);
+    - in a model of :data:`FUSED_HEAD_TYPES`, the token embedding (:class:`EmbeddingFunction`) and every
+      bias-free ``nn.Linear`` but the vocabulary head (:class:`LinearFunction`): the same numbers, with
+      weight gradients that can go straight into ``.grad``;
+
+    and ``grads_in_place`` parameters are marked for :func:`accumulate_in_place` (single-process runs
+    that keep ``.grad`` allocated). What it buys, as BENCHMARKS.md records for SmolLM2: 21% fewer saved
+    activation bytes per token from RMSNorm/SwiGLU (611 -> 486 MB for 405 tokens; the SwiGLU change took
+    the DPO benchmark's peak from 3.76 to 3.74 GB); weight gradients added in place took one DPO step's
+    three micro-batches from 3.46 to 3.03 s (peak of that script 2134 -> 1869 MB), and the decoder
+    projections through :class:`LinearFunction` from 3.03 to 2.81 s per step.
+
+    Attributes:
+        patched: how many modules were swapped (while inside the block).
+    """
+
+    def __init__(self, model: nn.Module, grads_in_place: list[nn.Parameter] | tuple = ()) -> None:
+        self.model = model
+        self.grads_in_place = list(grads_in_place)
+        self._saved: list[tuple[nn.Module, Any]] = []
+        self.patched = 0
+
+    def __enter__(self) -> lean_layers:
+        for module, forward in _patch_targets(self.model):
+            self._saved.append((module, module.__dict__.get("forward")))
+            module.forward = types.MethodType(forward, module)
+        self.patched = len(self._saved)
+        accumulate_in_place(self.grads_in_place)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, previous in reversed(self._saved):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._saved = []
+        for p in self.grads_in_place:
+            if hasattr(p, GRAD_IN_PLACE):
+                delattr(p, GRAD_IN_PLACE)
 
 
 def _libc() -> Any:
@@ -373,8 +420,8 @@ def release_freed_memory() -> bool:
     next step's peak stacks on top of them. ``malloc_trim`` after each optimiser step returns those pages
     at the cost of a few milliseconds. The online methods (PPO, GRPO, RLOO) call it: their gradients and
     sampling buffers come and go each iteration. The offline loop does not: with its gradients kept in
-    one buffer the peak is the same without it, and the next step would fault the pages back in (0.7-1.3 s
-    of a DPO benchmark run, BENCHMARKS.md).
+    one buffer the peak is the same without it, and the next step would fault the pages back in (with it,
+    the DPO benchmark's whole run took 39.9 s instead of 38.5 s at the same peak, BENCHMARKS.md).
 
     Returns:
         True when memory was released.

@@ -272,12 +272,12 @@ class _FromBlocks(torch.autograd.Function):
 
 
 def _register() -> None:
+    """Make :func:`_block_attention` known to transformers under :data:`ATTENTION_NAME`; called by
+    :func:`block_attention` when first used (nothing is registered at import)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTENTION_NAME, _block_attention)
-
-
-_register()
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, _block_attention)
 
 
 def _configs(model: nn.Module) -> list[Any]:
@@ -291,7 +291,9 @@ def _configs(model: nn.Module) -> list[Any]:
 
 @contextmanager
 def block_attention(model: nn.Module, layout: BlockLayout) -> Iterator[None]:
-    """Within this context ``model``'s attention runs block by block according to ``layout``."""
+    """Within this context ``model``'s attention runs block by block according to ``layout`` (the
+    attention function is registered with transformers on first use)."""
+    _register()
     configs = _configs(model)
     previous = [c._attn_implementation for c in configs]
     token = _ACTIVE.set(layout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,9 @@ import torch
 from prefalign.cli import main
 from prefalign.config import ConfigError, field_docs
 from prefalign.testing import synthetic_pairs, write_jsonl
-from prefalign.train import loop
+from prefalign.train import checkpoint, loop
 from prefalign.train.dpo import DPOConfig, train
 from prefalign.train.loop import TrainConfig, latest_checkpoint, prune_checkpoints, read_metrics
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", synthetic_pairs(16, seed=0))
 
 
 def config(model_dir, pairs, out, **kw):
@@ -99,7 +95,7 @@ def test_resume_after_a_kill_does_not_repeat_metric_rows(tiny_model_dir, pairs, 
     """Killed after step 3 with a checkpoint at step 2: the resumed run starts at 3 again, and rows
     3.. are written once (the killed run's row 3 is cut), so the steps read 1, 2, 3, 4."""
     train(config(tiny_model_dir, pairs, tmp_path, max_steps=3, save_every=2))
-    loop.shutil.rmtree(tmp_path / "checkpoints" / "step-3")  # as if killed before the final checkpoint
+    shutil.rmtree(tmp_path / "checkpoints" / "step-3")  # as if killed before the final checkpoint
     train(config(tiny_model_dir, pairs, tmp_path, max_steps=4, save_every=2, resume=True))
     assert steps_of(tmp_path) == [1, 2, 3, 4]
 
@@ -155,7 +151,7 @@ def test_a_crafted_state_file_is_not_unpickled(tiny_model_dir, pairs, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["state.pt"] = {
         "bytes": (folder / "state.pt").stat().st_size,
-        "sha256": loop._sha256(folder / "state.pt"),
+        "sha256": checkpoint._sha256(folder / "state.pt"),
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="step-1/state.pt: holds more than tensors"):
@@ -207,3 +203,21 @@ def test_final_model_shares_the_last_checkpoint_weights(tiny_model_dir, pairs, t
     model = AutoModelForCausalLM.from_pretrained(out)
     for name, tensor in load_file(str(final)).items():
         torch.testing.assert_close(model.state_dict()[name], tensor)
+
+
+def test_an_option_newer_than_the_saved_run_counts_only_off_its_default(tmp_path):
+    """A run saved before an option existed (here: its config.yaml lacks log_every) resumes when the
+    option is at its default, and is refused naming it when it is not."""
+    import yaml
+
+    from prefalign.config import save_config
+    from prefalign.train.run_folder import changed_settings
+
+    saved = tmp_path / "config.yaml"
+    save_config(DPOConfig(model="m", data="d", output=str(tmp_path / "o")), saved)
+    old = yaml.safe_load(saved.read_text())
+    del old["log_every"]
+    saved.write_text(yaml.safe_dump(old))
+    assert changed_settings(saved, DPOConfig(model="m", data="d", output=str(tmp_path / "o"))) == []
+    changed = changed_settings(saved, DPOConfig(model="m", data="d", output=str(tmp_path / "o"), log_every=2))
+    assert changed == ["log_every (None -> 2)"]

@@ -9,7 +9,7 @@ from prefalign.memory import (
     RMSNormFunction,
     SiluMulFunction,
     SwiGLUDownFunction,
-    use_memory_efficient_layers,
+    lean_layers,
 )
 from prefalign.testing import tiny_causal_lm, tiny_tokenizer
 
@@ -51,15 +51,39 @@ def test_patched_model_matches_stock_model_values_and_gradients():
     tok = tiny_tokenizer()
     stock = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=3).train()
     fast = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=3).train()
-    assert (
-        use_memory_efficient_layers(fast) == 2 * (2 + 1 + 7) + 1 + 1
-    )  # per layer: 2 norms, MLP, 7 projections; final norm; embedding
     ids = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
-    for model in (stock, fast):
-        model(ids, labels=ids).loss.backward()
-    torch.testing.assert_close(fast(ids).logits, stock(ids).logits)
+    with lean_layers(fast) as lean:
+        assert (
+            lean.patched == 2 * (2 + 1 + 7) + 1 + 1
+        )  # per layer: 2 norms, MLP, 7 projections; final norm; embedding
+        assert "forward" in fast.model.norm.__dict__
+        for model in (stock, fast):
+            model(ids, labels=ids).loss.backward()
+        torch.testing.assert_close(fast(ids).logits, stock(ids).logits)
     for (name, a), b in zip(fast.named_parameters(), stock.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lean_layers_are_undone_on_exit_even_after_an_error():
+    """Leaving the block (here by an exception) restores every stock forward, including a forward the
+    caller had set on a module itself, and removes the in-place mark from the parameters."""
+    from prefalign.memory import GRAD_IN_PLACE
+
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer(), hidden_size=64, seed=3)
+    own = model.model.layers[0].mlp.forward
+    model.model.layers[0].mlp.forward = own  # an instance forward of the caller's, kept
+    params = list(model.parameters())
+    try:
+        with lean_layers(model, params) as lean:
+            assert lean.patched > 0 and all(getattr(p, GRAD_IN_PLACE) for p in params)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert model.model.layers[0].mlp.__dict__["forward"] == own
+    for name, module in model.named_modules():
+        if name != "model.layers.0.mlp":
+            assert "forward" not in module.__dict__, name
+    assert not any(hasattr(p, GRAD_IN_PLACE) for p in params)
 
 
 def test_head_token_logps_matches_log_softmax_in_values_and_gradients():
@@ -159,7 +183,6 @@ def test_tied_weights_accumulate_in_place_equal_autograd():
     """A whole tiny model (tied embedding and head): one training backward with gradients added in place
     equals the stock model's gradients."""
     from prefalign.data import encode_preferences
-    from prefalign.memory import accumulate_in_place
     from prefalign.packing import pack_pairs, packed_logps
     from prefalign.testing import synthetic_pairs
 
@@ -167,15 +190,14 @@ def test_tied_weights_accumulate_in_place_equal_autograd():
     pairs = encode_preferences(tok, synthetic_pairs(3, seed=4), 64)
     fast = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=6)
     stock = tiny_causal_lm(tokenizer=tok, hidden_size=64, seed=6)
-    use_memory_efficient_layers(fast)
     assert fast.lm_head.weight is fast.model.embed_tokens.weight
     params = list(fast.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
-    accumulate_in_place(params)
-    for _ in range(2):  # two micro-batches: the second adds to the first
-        packed_logps(fast, pack_pairs(pairs)).sum().backward()
-        packed_logps(stock, pack_pairs(pairs)).sum().backward()
+    with lean_layers(fast, params):
+        for _ in range(2):  # two micro-batches: the second adds to the first
+            packed_logps(fast, pack_pairs(pairs)).sum().backward()
+            packed_logps(stock, pack_pairs(pairs)).sum().backward()
     for (name, p), q in zip(fast.named_parameters(), stock.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 

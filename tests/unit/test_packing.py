@@ -134,9 +134,8 @@ def test_packed_scores_equal_scores_of_separate_sequences():
     torch.manual_seed(0)
     from transformers import LlamaForSequenceClassification
 
-    rm = LlamaForSequenceClassification(
-        MODEL.config.__class__(**{**MODEL.config.to_dict(), "num_labels": 1})
-    ).eval()
+    settings = {k: v for k, v in MODEL.config.to_dict().items() if k not in ("id2label", "label2id")}
+    rm = LlamaForSequenceClassification(MODEL.config.__class__(**{**settings, "num_labels": 1})).eval()
     examples = [
         {"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 9, 2], "rejected_input_ids": [10, 2]},
         {"prompt_input_ids": [11], "chosen_input_ids": [12, 2], "rejected_input_ids": [13, 14, 15, 2]},

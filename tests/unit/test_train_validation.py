@@ -86,7 +86,7 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
 
 
 def test_a_missing_relative_path_is_reported_at_once_not_tried_on_the_hub(tmp_path, monkeypatch):
-    import prefalign.data as data
+    import prefalign.data.readers as data
 
     def no_hub(*args, **kwargs):
         raise AssertionError("tried the hub")
@@ -135,8 +135,94 @@ def test_clip_returns_the_norm_before_clipping_and_scales_only_above_the_limit(m
     """Gradient (3, 4) has norm 5: a limit of 0.5 scales it to (0.3, 0.4); 100 or 0 (off) leave it."""
     import torch
 
+    from prefalign.train.optim import clip_gradients
+
     model = torch.nn.Linear(2, 1, bias=False)
     model.weight.grad = torch.tensor([[3.0, 4.0]])
-    assert loop._clip(loop.make_accelerator(), model, max_norm) == pytest.approx(5.0)
+    assert clip_gradients(loop.make_accelerator(), model, max_norm) == pytest.approx(5.0)
     want = torch.tensor([[0.3, 0.4]]) if scaled else torch.tensor([[3.0, 4.0]])
     torch.testing.assert_close(model.weight.grad, want)
+
+
+def _configs():
+    from prefalign.train.dpo import DPOConfig
+    from prefalign.train.grpo import GRPOConfig
+    from prefalign.train.ppo import PPOConfig
+    from prefalign.train.reward import RewardConfig
+    from prefalign.train.rloo import RLOOConfig
+    from prefalign.train.sft import SFTConfig
+
+    offline = {"model": "m", "data": "d"}
+    online = {"model": "m", "prompts": "p"}
+    return {
+        "sft": lambda **kw: SFTConfig(**offline, **kw),
+        "reward": lambda **kw: RewardConfig(**offline, **kw),
+        "dpo": lambda **kw: DPOConfig(**offline, **kw),
+        "ppo": lambda **kw: PPOConfig(**online, reward="sentiment", **kw),
+        "grpo": lambda **kw: GRPOConfig(**online, reward=["sentiment"], **kw),
+        "rloo": lambda **kw: RLOOConfig(**online, reward=["sentiment"], **kw),
+    }
+
+
+COMMANDS = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"keep_checkpoints": 0}, "keep_checkpoints must be >= 1"),
+        ({"resume": True, "overwrite": True}, "give at most one of --resume and --overwrite"),
+        ({"report_to": ["mlflow"]}, "report_to: unknown sink"),
+        ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"),
+        ({"log_every": 0}, "log_every must be >= 1"),
+    ],
+)
+def test_offline_and_online_commands_refuse_the_same_shared_options(tmp_path, command, options, message):
+    """The shared options are checked once, in the base every command's config builds on: the online
+    commands no longer force keep_checkpoints=0 up to 1 or let --overwrite lose to --resume silently."""
+    from prefalign.config import ConfigError
+    from prefalign.train.options import TrainOptions
+
+    make = _configs()[command]
+    assert isinstance(make(output=str(tmp_path / "ok")), TrainOptions)
+    with pytest.raises(ConfigError) as err:
+        make(output=str(tmp_path / "out"), **options)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_checks_report_sinks_before_anything_loads(tmp_path, monkeypatch, command):
+    """A sink whose package is missing is refused by the same run-folder check, offline and online."""
+    from prefalign.config import ConfigError
+    from prefalign.train.run_folder import check_run_folder
+
+    monkeypatch.setitem(loop.SINKS, "wandb", "prefalign_no_such_module")
+    config = _configs()[command](output=str(tmp_path / "out"), report_to=["wandb"])
+    with pytest.raises(ConfigError, match="--report-to wandb needs the package"):
+        check_run_folder(config)
+
+
+@pytest.mark.parametrize("command", ["ppo", "grpo", "rloo"])
+def test_online_commands_refuse_lora_instead_of_ignoring_it(capsys, tmp_path, command):
+    """--lora-r is a shared option, but the online methods cannot train adapters yet: refused, with exit 2."""
+    from prefalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="LoRA for online methods .* is not yet supported"):
+        _configs()[command](output=str(tmp_path / "out"), lora_r=4)
+    args = [command, "--model", "m", "--prompts", "p", "--output", str(tmp_path / "out")]
+    code = main([*args, "--reward", "sentiment", "--lora-r", "4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "LoRA for online methods" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shared_options_have_one_help_text_in_every_command():
+    """One definition, one docstring: --keep-checkpoints reads the same in dpo and ppo."""
+    from prefalign.config import field_docs
+    from prefalign.train.dpo import DPOConfig
+    from prefalign.train.ppo import PPOConfig
+
+    offline, online = field_docs(DPOConfig), field_docs(PPOConfig)
+    for name in ("keep_checkpoints", "resume", "overwrite", "report_to", "lora_r", "max_grad_norm"):
+        assert offline[name] == online[name], name

@@ -45,7 +45,7 @@ from prefalign.train.loop import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DPOConfig(TrainConfig):
     """Train a policy directly on preference pairs (Rafailov et al. 2023)."""
 
@@ -316,8 +316,8 @@ def train(
     config: DPOConfig,
     model: nn.Module | None = None,
     tokenizer: Any = None,
-    reference: nn.Module | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
+    reference: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Run DPO as configured; returns the summary (also written to ``<output>/summary.json``).
 

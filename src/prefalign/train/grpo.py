@@ -17,7 +17,6 @@ and loss; sampling, scoring, checkpoints and the outer loop are :mod:`prefalign.
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +31,12 @@ from prefalign.losses import (
     group_advantages,
     grpo_token_loss,
 )
-from prefalign.memory import use_memory_efficient_layers
 from prefalign.train import online
+from prefalign.train.processes import sum_over_processes
+from prefalign.train.run_folder import report_done
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GroupConfig(online.OnlineConfig):
     """Options of the critic-free methods that compare several samples of one prompt (GRPO, RLOO)."""
 
@@ -73,7 +73,7 @@ class GroupConfig(online.OnlineConfig):
             raise ConfigError("epsilon and epsilon_high must be > 0")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GRPOConfig(GroupConfig):
     """GRPO (Shao et al. 2024): PPO without a critic, advantages relative to a group of samples per prompt."""
 
@@ -105,6 +105,10 @@ class GroupRun(online.OnlineRun):
 
     name = "grpo"
     shown = ("objective/scores", "reward_std", "objective/kl")
+
+    @property
+    def repeats(self) -> int:  # type: ignore[override]
+        return self.config.num_generations
 
     def rewards(self, rollout: online.Rollout) -> Tensor:
         """``[N]`` the rewards the advantages compare: the scores (GRPO's KL is in the loss)."""
@@ -145,8 +149,33 @@ class GroupRun(online.OnlineRun):
     def extra_metrics(self, rollout: online.Rollout, rewards: Tensor) -> dict[str, float]:
         return {}
 
-    def run_iteration(self, it: int) -> dict[str, float]:
-        return run_iteration(self, it)
+    def targets(self, rollout: online.Rollout, it: int) -> tuple[dict[str, Tensor], Any]:
+        """Old and reference log-probs, and the advantages of whole groups (every process's rewards)."""
+        acc = self.accelerator
+        rewards = self.rewards(rollout)
+        everyone = acc.gather(rewards.to(acc.device)).cpu()
+        n = len(rollout)
+        advantages = self.advantages(everyone)[acc.process_index * n : (acc.process_index + 1) * n]
+        batch = {"logprobs": rollout.logprobs, "ref_logprobs": rollout.ref_logprobs, "advantages": advantages}
+        return batch, rewards
+
+    def minibatch_step(
+        self, rollout: online.Rollout, batch: dict[str, Tensor], rows: list[int], micros: list[list[int]]
+    ) -> dict[str, float]:
+        """The minibatch's sequence and token counts over every process weigh each micro-batch."""
+        local = float(rollout.mask[rows].sum())
+        seqs, tokens = sum_over_processes(self.accelerator, float(len(rows)), local)
+        weight = {
+            "seqs": seqs,
+            "tokens": tokens,
+            "local_tokens": local,
+            "procs": self.accelerator.num_processes,
+        }
+        loss_of = lambda r: self.micro_loss(rollout, r, batch, weight)  # noqa: E731
+        return online.optimizer_step(self, micros, loss_of, 1.0, self.stat_norm(seqs, tokens))
+
+    def iteration_metrics(self, rollout: online.Rollout, extra: Any) -> dict[str, float]:
+        return {**group_metrics(self, rollout, extra), **self.extra_metrics(rollout, extra)}
 
 
 def fresh_old(config: GroupConfig) -> bool:
@@ -164,54 +193,6 @@ def micro_weight(loss_type: str, rows: int, tokens: float, weight: dict[str, flo
     if loss_type == "bnpo":
         return tokens / max(weight["local_tokens"], 1.0)
     return weight["procs"]  # dapo: already over the step's tokens on every process
-
-
-def update(run: GroupRun, rollout: online.Rollout, batch: dict[str, Tensor], it: int) -> dict[str, float]:
-    """``ppo_epochs`` passes of one optimiser step per minibatch; returns the statistics' means."""
-    config, acc = run.config, run.accelerator
-    run.minibatch_stats = []
-    run.module.train()
-    for epoch in range(config.ppo_epochs):
-        for rows in online.minibatch_plan(len(rollout), config.minibatches, config.seed, it, epoch):
-            micros = online.micro_plan(rollout, rows, config.micro_batch_tokens)
-            local = float(rollout.mask[rows].sum())
-            seqs, tokens = online.global_sum(acc, float(len(rows)), local)
-            weight = {"seqs": seqs, "tokens": tokens, "local_tokens": local, "procs": acc.num_processes}
-            loss_of = lambda r, w=weight: run.micro_loss(rollout, r, batch, w)  # noqa: E731
-            stats = online.optimizer_step(run, micros, loss_of, 1.0, run.stat_norm(seqs, tokens))
-            run.minibatch_stats.append(stats)
-    return online.mean_stats(run.minibatch_stats)
-
-
-def run_iteration(run: GroupRun, it: int) -> dict[str, float]:
-    """One iteration (0-based ``it``): sample groups, score, advantages, update; returns its metrics."""
-    config, acc = run.config, run.accelerator
-    start = time.perf_counter()
-    rollout, timing = online.sample_iteration(run, it, config.num_generations)
-    t0 = time.perf_counter()
-    if config.recompute_logprobs:
-        first = online.minibatch_plan(len(rollout), config.minibatches, config.seed, it, 0)
-        plans = [m for rows in first for m in online.micro_plan(rollout, rows, config.micro_batch_tokens)]
-        online.old_pass(run.unwrapped, rollout, plans, acc.device, config.temperature)
-    else:
-        rollout.logprobs, rollout.entropy = rollout.out.logprobs.cpu(), rollout.out.entropy.cpu()
-    timing["time/forward"] += time.perf_counter() - t0
-    rewards = run.rewards(rollout)
-    everyone = acc.gather(rewards.to(acc.device)).cpu()
-    n = len(rollout)
-    advantages = run.advantages(everyone)[acc.process_index * n : (acc.process_index + 1) * n]
-    batch = {"logprobs": rollout.logprobs, "ref_logprobs": rollout.ref_logprobs, "advantages": advantages}
-    t0 = time.perf_counter()
-    stats = update(run, rollout, batch, it)
-    timing["time/update"] = time.perf_counter() - t0
-    return {
-        **group_metrics(run, rollout, rewards),
-        **run.extra_metrics(rollout, rewards),
-        **stats,
-        **timing,
-        "lr": run.scheduler.get_last_lr()[0],
-        "time/iteration": time.perf_counter() - start,
-    }
 
 
 def group_metrics(run: GroupRun, rollout: online.Rollout, rewards: Tensor) -> dict[str, float]:
@@ -241,32 +222,26 @@ def setup(
     config: GroupConfig, model: nn.Module | None = None, tokenizer: Any = None, run_class: type = GroupRun
 ) -> GroupRun:
     """Load prompts, the policy, the reference and the reward source(s); build the optimiser and schedule."""
-    from prefalign.models import load_policy, load_reference
-    from prefalign.rewards import ModelReward, make_rewards
+    from prefalign.rewards import make_rewards
 
-    acc, tokenizer, prompts, held = online.prepare(config, tokenizer)
+    acc, tokenizer, prompts, held, ckpt = online.prepare(config, tokenizer)
     source = make_rewards(config.reward, config.reward_model, config.reward_weights, acc.device, config.raw)
-    if isinstance(source, ModelReward):
-        source.same_vocab = source.tokenizer.get_vocab() == tokenizer.get_vocab()
-    kwargs = {"dtype": config.dtype, "trust_remote_code": config.trust_remote_code}
-    policy = model if model is not None else load_policy(config.model, **kwargs)
-    for sub in policy.modules():  # the ratio needs the same function in every pass: no dropout
-        if isinstance(sub, nn.Dropout):
-            sub.p = 0.0
-    module = online.PolicyLogits(policy).to(acc.device)
-    use_memory_efficient_layers(module)
-    reference = load_reference(config.ref_model or config.model, **kwargs).to(acc.device)
+    source = online.check_vocabulary(source, tokenizer)
+    module = online.PolicyLogits(online.load_policy(config, model)).to(acc.device)
+    reference = online.load_reference(config, acc.device)
     return online.build_run(
-        run_class, config, acc, module, prompts, held, reference=reference, source=source, tokenizer=tokenizer
-    )
+        run_class, config, acc, module, prompts, held, reference=reference, source=source, tokenizer=tokenizer,
+        resume_from=ckpt,
+    )  # fmt: skip
 
 
 def train(
-    config: GRPOConfig, callback: Any = None, model: nn.Module | None = None, tokenizer: Any = None
+    config: GRPOConfig, model: nn.Module | None = None, tokenizer: Any = None, callback: Any = None
 ) -> dict[str, Any]:
     """Run GRPO as configured; returns the summary (also written to ``<output>/summary.json``).
 
-    ``callback(iteration, policy)`` runs every ``eval_every`` iterations and after the last one.
+    ``callback(iteration, policy)`` runs on the main process every ``eval_every`` iterations and after
+    the last one.
     """
     return online.train_run(setup(config, model, tokenizer), callback)
 
@@ -302,7 +277,7 @@ def register(subparsers: Any, name: str, config_class: type, run: Any, help_text
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(GRPOConfig, args)
-    online.print_summary(train(config), config.output, SUMMARY_KEYS)
+    report_done(train(config), config.output, SUMMARY_KEYS, unit="iterations")
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,14 @@ from torch import Tensor, nn
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
 from prefalign.kl import AdaptiveKLController, FixedKLController
 from prefalign.losses import KL_ESTIMATORS, gae, masked_mean, ppo_policy_loss, ppo_value_loss
-from prefalign.memory import use_memory_efficient_layers
 from prefalign.train import online
+from prefalign.train.processes import sum_over_processes
+from prefalign.train.run_folder import report_done
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PPOConfig(online.OnlineConfig):
     """RLHF with PPO: a reward (model, VADER or your function) minus a KL penalty to the reference."""
 
@@ -150,8 +150,33 @@ class PPORun(online.OnlineRun):
     name = "ppo"
     shown = ("objective/scores", "objective/kl", "kl_coef")
 
-    def run_iteration(self, it: int) -> dict[str, float]:
-        return run_iteration(self, it)
+    def targets(self, rollout: online.Rollout, it: int) -> tuple[dict[str, Tensor], Any]:
+        """Old log-probs and values, GAE advantages and returns at the current KL coefficient."""
+        kl_coef = self.kl_ctl.value
+        advantages, returns, kl = ppo_advantages(rollout, kl_coef, self.config, self.accelerator)
+        batch = {
+            "logprobs": rollout.logprobs,
+            "values": rollout.values,
+            "advantages": advantages,
+            "returns": returns,
+        }
+        return batch, (kl, kl_coef)
+
+    def minibatch_step(
+        self, rollout: online.Rollout, batch: dict[str, Tensor], rows: list[int], micros: list[list[int]]
+    ) -> dict[str, float]:
+        """Token-level means over the minibatch's response tokens on every process."""
+        (tokens,) = sum_over_processes(self.accelerator, float(rollout.mask[rows].sum()))
+        scale = self.accelerator.num_processes / max(tokens, 1.0)
+        loss_of = lambda r: micro_loss(self, rollout, r, batch)  # noqa: E731
+        return online.optimizer_step(self, micros, loss_of, scale, tokens)
+
+    def iteration_metrics(self, rollout: online.Rollout, extra: Any) -> dict[str, float]:
+        """The objective terms; the adaptive KL controller steps toward its target."""
+        kl, kl_coef = extra
+        metrics = rollout_metrics(self, rollout, kl, kl_coef)
+        self.kl_ctl.update(metrics["objective/kl"], self.config.rollout_batch)
+        return metrics
 
     def extra_modules(self) -> dict[str, nn.Module]:
         unwrapped = self.unwrapped
@@ -179,69 +204,7 @@ class PPORun(online.OnlineRun):
 
 
 rollout_for = online.rollout_for
-evaluate = online.evaluate
-
-
-def update(
-    run: PPORun, rollout: online.Rollout, batch: dict[str, Tensor], first: list[list[list[int]]], it: int
-) -> dict[str, float]:
-    """``ppo_epochs`` passes of one optimiser step per minibatch; returns the statistics' means."""
-    config, acc = run.config, run.accelerator
-    run.minibatch_stats = []
-    run.module.train()
-    for epoch in range(config.ppo_epochs):
-        plans = first if epoch == 0 else [
-            online.micro_plan(rollout, rows, config.micro_batch_tokens)
-            for rows in online.minibatch_plan(len(rollout), config.minibatches, config.seed, it, epoch)
-        ]  # fmt: skip
-        for micros in plans:
-            local = float(sum(rollout.mask[rows].sum() for rows in micros))
-            (tokens,) = online.global_sum(acc, local)
-            scale = acc.num_processes / max(tokens, 1.0)
-            run.minibatch_stats.append(
-                online.optimizer_step(
-                    run, micros, lambda rows: micro_loss(run, rollout, rows, batch), scale, tokens
-                )
-            )
-    return online.mean_stats(run.minibatch_stats)
-
-
-def run_iteration(run: PPORun, it: int) -> dict[str, float]:
-    """One PPO iteration (0-based ``it``): rollout, old pass, advantages, update; returns its metrics."""
-    config, acc = run.config, run.accelerator
-    start = time.perf_counter()
-    rollout, timing = online.sample_iteration(run, it)
-    t0 = time.perf_counter()
-    first = [
-        online.micro_plan(rollout, rows, config.micro_batch_tokens)
-        for rows in online.minibatch_plan(len(rollout), config.minibatches, config.seed, it, 0)
-    ]
-    flat = [m for plan in first for m in plan]
-    if config.recompute_logprobs:
-        online.old_pass(run.unwrapped, rollout, flat, acc.device, config.temperature)
-    else:
-        online.sampler_pass(run.unwrapped, rollout, flat, acc.device)
-    timing["time/forward"] += time.perf_counter() - t0
-    kl_coef = run.kl_ctl.value
-    advantages, returns, kl = ppo_advantages(rollout, kl_coef, config, acc)
-    batch = {
-        "logprobs": rollout.logprobs,
-        "values": rollout.values,
-        "advantages": advantages,
-        "returns": returns,
-    }
-    t0 = time.perf_counter()
-    stats = update(run, rollout, batch, first, it)
-    timing["time/update"] = time.perf_counter() - t0
-    metrics = rollout_metrics(run, rollout, kl, kl_coef)
-    run.kl_ctl.update(metrics["objective/kl"], config.rollout_batch)
-    return {
-        **metrics,
-        **stats,
-        **timing,
-        "lr": run.scheduler.get_last_lr()[0],
-        "time/iteration": time.perf_counter() - start,
-    }
+run_iteration = online.run_iteration
 
 
 def rollout_metrics(run: PPORun, rollout: online.Rollout, kl: Tensor, kl_coef: float) -> dict[str, float]:
@@ -268,35 +231,27 @@ def load_models(
     config: PPOConfig, model: nn.Module | None, device: Any
 ) -> tuple[online.PolicyWithValue, nn.Module]:
     """The policy with its critic, and the frozen reference."""
-    from prefalign.models import load_policy, load_reference, load_value_model
+    from prefalign.models import load_value_model
 
-    kwargs = {"dtype": config.dtype, "trust_remote_code": config.trust_remote_code}
-    policy = model if model is not None else load_policy(config.model, **kwargs)
-    for sub in policy.modules():  # PPO's ratio needs the same function in every pass: no dropout
-        if isinstance(sub, nn.Dropout):
-            sub.p = 0.0
+    policy = online.load_policy(config, model)
     critic = None
     if not config.shared_value_head:
-        critic = load_value_model(config.value_model or config.reward_model or config.model, **kwargs)
-    reference = load_reference(config.ref_model or config.model, **kwargs)
-    module = online.PolicyWithValue(policy, critic).to(device)
-    use_memory_efficient_layers(module)
-    return module, reference.to(device)
-
-
-def make_source(config: PPOConfig, tokenizer: Any, device: Any) -> Any:
-    from prefalign.rewards import ModelReward, make_reward
-
-    source = make_reward(config.reward, config.reward_model, device=device, raw=config.raw)
-    if isinstance(source, ModelReward):
-        source.same_vocab = source.tokenizer.get_vocab() == tokenizer.get_vocab()
-    return source
+        critic = load_value_model(
+            config.value_model or config.reward_model or config.model,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+        )
+    reference = online.load_reference(config, device)
+    return online.PolicyWithValue(policy, critic).to(device), reference
 
 
 def setup(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = None) -> PPORun:
     """Load prompts, models and the reward source; build the optimiser, schedule and KL controller."""
-    acc, tokenizer, prompts, held = online.prepare(config, tokenizer)
-    source = make_source(config, tokenizer, acc.device)
+    from prefalign.rewards import make_reward
+
+    acc, tokenizer, prompts, held, ckpt = online.prepare(config, tokenizer)
+    source = make_reward(config.reward, config.reward_model, device=acc.device, raw=config.raw)
+    source = online.check_vocabulary(source, tokenizer)
     module, reference = load_models(config, model, acc.device)
     kl_ctl = (
         AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
@@ -305,16 +260,17 @@ def setup(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     )
     return online.build_run(
         PPORun, config, acc, module, prompts, held, reference=reference, source=source, tokenizer=tokenizer,
-        kl_ctl=kl_ctl,
+        kl_ctl=kl_ctl, resume_from=ckpt,
     )  # fmt: skip
 
 
 def train(
-    config: PPOConfig, callback: Any = None, model: nn.Module | None = None, tokenizer: Any = None
+    config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = None, callback: Any = None
 ) -> dict[str, Any]:
     """Run PPO as configured; returns the summary (also written to ``<output>/summary.json``).
 
-    ``callback(iteration, policy)`` runs every ``eval_every`` iterations and after the last one.
+    ``callback(iteration, policy)`` runs on the main process every ``eval_every`` iterations and after
+    the last one.
     """
     return online.train_run(setup(config, model, tokenizer), callback)
 
@@ -326,7 +282,7 @@ def train(
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(PPOConfig, args)
     keys = ("objective/scores", "objective/kl", "kl_coef", "eval/scores", "eval/kl")
-    online.print_summary(train(config), config.output, keys)
+    report_done(train(config), config.output, keys, unit="iterations")
     return 0
 
 

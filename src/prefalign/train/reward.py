@@ -27,7 +27,7 @@ from prefalign.train.loop import (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RewardConfig(TrainConfig):
     """Train a Bradley-Terry reward model on preference pairs."""
 

@@ -20,9 +20,11 @@ from torch import Tensor, nn
 from prefalign.config import config_from_args
 from prefalign.losses import rloo_advantages, rloo_rewards, rloo_sequence_loss
 from prefalign.train import grpo, online
+from prefalign.train.processes import sum_over_processes
+from prefalign.train.run_folder import report_done
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RLOOConfig(grpo.GroupConfig):
     """RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline over several samples per prompt."""
 
@@ -69,25 +71,26 @@ class RLOORun(grpo.GroupRun):
         return seqs
 
     def extra_metrics(self, rollout: online.Rollout, rewards: Tensor) -> dict[str, float]:
-        n, non_score = online.global_sum(
+        n, non_score = sum_over_processes(
             self.accelerator, float(len(rollout)), float((rewards - rollout.scores).sum())
         )
         return {"objective/non_score_reward": non_score / n}
 
 
 def train(
-    config: RLOOConfig, callback: Any = None, model: nn.Module | None = None, tokenizer: Any = None
+    config: RLOOConfig, model: nn.Module | None = None, tokenizer: Any = None, callback: Any = None
 ) -> dict[str, Any]:
     """Run RLOO as configured; returns the summary (also written to ``<output>/summary.json``).
 
-    ``callback(iteration, policy)`` runs every ``eval_every`` iterations and after the last one.
+    ``callback(iteration, policy)`` runs on the main process every ``eval_every`` iterations and after
+    the last one.
     """
     return online.train_run(grpo.setup(config, model, tokenizer, run_class=RLOORun), callback)
 
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(RLOOConfig, args)
-    online.print_summary(train(config), config.output, grpo.SUMMARY_KEYS)
+    report_done(train(config), config.output, grpo.SUMMARY_KEYS, unit="iterations")
     return 0
 
 

@@ -32,7 +32,7 @@ from prefalign.train.loop import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on demonstrations (text, prompt/completion, or messages)."""
 

@@ -1,0 +1,264 @@
+"""The policy (and its critic) as an online update trains it: a rollout's rows cut into shuffled
+minibatches and token-budget micro-batches, their forward pass, and the pass that scores the samples
+under the policy before any update (the "old" log-probs of the importance ratio)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prefalign.generation import position_ids_from_mask
+from prefalign.losses import token_logps
+from prefalign.memory import release_freed_memory
+from prefalign.train.optim import clip_gradients
+from prefalign.train.processes import sum_over_processes
+
+if TYPE_CHECKING:
+    from prefalign.train.online import Rollout
+
+
+def minibatch_plan(n: int, minibatches: int, seed: int, iteration: int, epoch: int) -> list[list[int]]:
+    """Shuffled, near-equal minibatches of ``range(n)`` for one update pass, fixed by (seed, iteration,
+    epoch) so that a resumed run repeats them."""
+    order = np.random.default_rng([seed, 7919, iteration, epoch]).permutation(n)
+    return [part.tolist() for part in np.array_split(order, minibatches)]
+
+
+def micro_plan(rollout: Rollout, rows: list[int], budget: int) -> list[list[int]]:
+    """Split ``rows`` (in order) so that rows x (prompt + response width) stays within ``budget``."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    p_len = rollout.out.prompt_mask.sum(-1)
+    r_len = rollout.out.response_mask.sum(-1)
+    for i in rows:
+        trial = current + [i]
+        width = int(p_len[trial].max() + r_len[trial].max())
+        if current and width * len(trial) > budget:
+            out.append(current)
+            trial = [i]
+        current = trial
+    if current:
+        out.append(current)
+    return out
+
+
+@dataclass
+class Micro:
+    """Rows of a rollout cut to their own widths: ``input_ids``/``attention_mask`` ``[b, P' + R']``."""
+
+    rows: list[int]
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_ids: Tensor
+    mask: Tensor
+    width: int
+
+    def take(self, x: Tensor) -> Tensor:
+        """The rows and response columns of a rollout tensor ``[N, R]``."""
+        return x[self.rows, : self.width]
+
+
+def make_micro(rollout: Rollout, rows: list[int], device: torch.device) -> Micro:
+    out = rollout.out
+    p = int(out.prompt_mask[rows].sum(-1).max())
+    r = int(out.response_mask[rows].sum(-1).max())
+    prompt_ids, prompt_mask = out.prompt_ids[rows, -p:], out.prompt_mask[rows, -p:]
+    response_ids, response_mask = out.response_ids[rows, :r], out.response_mask[rows, :r]
+    input_ids = torch.cat([prompt_ids, response_ids], 1).to(device)
+    attention_mask = torch.cat([prompt_mask.to(response_mask.dtype), response_mask], 1).to(device)
+    return Micro(
+        rows, input_ids, attention_mask, response_ids.to(device), response_mask.float().to(device), r
+    )
+
+
+def _rows_over_temperature(hidden: Tensor, temperature: float) -> Tensor:
+    """``[b, R', H] -> [b * R', H]`` divided by the temperature: ``(h / T) W^T = (h W^T) / T``."""
+    scaled = hidden if temperature == 1 else hidden / temperature
+    return scaled.reshape(-1, scaled.shape[-1])
+
+
+class PolicyLogits(nn.Module):
+    """The policy as a module whose forward takes a :class:`Micro` (what the critic-free methods train)."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head: nn.Linear | None = None
+
+    def hidden(self, micro: Micro) -> Tensor:
+        """The output layer's inputs ``[b, R', H]`` at the positions that predict each response token."""
+        positions = position_ids_from_mask(micro.attention_mask)
+        trunk = self.policy.get_decoder()
+        hidden = trunk(
+            input_ids=micro.input_ids, attention_mask=micro.attention_mask, position_ids=positions
+        ).last_hidden_state
+        return hidden[:, -(micro.width + 1) : -1]
+
+    def forward(
+        self, micro: Micro, temperature: float, with_values: bool = False, targets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token, or with
+        ``targets`` ``[b, R']`` the log-probabilities of those tokens; no values."""
+        return self.head_output(self.hidden(micro), temperature, targets), None
+
+    def old_outputs(self, micro: Micro, temperature: float) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Without gradients: the response tokens' log-probs and entropies ``[b, R']`` (computed as the
+        update computes log-probs, so that before any step the ratio is exactly 1) and the values."""
+        from prefalign.losses import entropy_from_logits
+        from prefalign.memory import HEAD_CHUNK, head_logps, plain_lm_head
+
+        with torch.no_grad():
+            targets = micro.response_ids
+            head = plain_lm_head(self.policy)
+            if head is None:
+                logits, values = self(micro, temperature)
+                return token_logps(logits, targets), entropy_from_logits(logits), values
+            hidden = self.hidden(micro)
+            values = self.values_of(micro, hidden)
+            flat = _rows_over_temperature(hidden, temperature)
+            logp, _, ent = head_logps(flat, head.weight, targets.reshape(-1), HEAD_CHUNK, entropy=True)
+            return logp.view(targets.shape), ent.view(targets.shape), values
+
+    def values_of(self, micro: Micro, hidden: Tensor) -> Tensor | None:
+        """The critic's values ``[b, R']`` (none here: no critic)."""
+        return None
+
+    def head_output(self, hidden: Tensor, temperature: float, targets: Tensor | None) -> Tensor:
+        """Logits from ``hidden`` (over temperature), or the log-probs of ``targets`` under them. Log-probs
+        of a plain linear head are computed a chunk of rows at a time (no ``[b, R', V]`` tensor, nor its
+        gradient, ever exists: :class:`prefalign.memory.HeadTokenLogps`)."""
+        from prefalign.memory import HEAD_CHUNK, HeadTokenLogps, plain_lm_head
+
+        head = plain_lm_head(self.policy) if targets is not None else None
+        if head is None:
+            logits = self.policy.get_output_embeddings()(hidden).float() / temperature
+            return logits if targets is None else token_logps(logits, targets)
+        flat = _rows_over_temperature(hidden, temperature)
+        return HeadTokenLogps.apply(flat, head.weight, targets.reshape(-1), HEAD_CHUNK).view(targets.shape)
+
+
+class PolicyWithValue(PolicyLogits):
+    """The policy and its critic as one module (one optimiser, one DDP wrapper).
+
+    The critic is either a separate sequence classifier (its own transformer; values from its scalar
+    head at every position) or a scalar head on the policy's own last hidden states (``shared``: one
+    transformer pass gives both logits and values).
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None) -> None:
+        super().__init__(policy)
+        self.value_model = value_model
+        if value_model is None:
+            hidden = policy.get_output_embeddings().weight.shape[1]
+            self.value_head = nn.Linear(hidden, 1).to(policy.get_output_embeddings().weight.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self, micro: Micro, temperature: float, with_values: bool = True, targets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token (with
+        ``targets``: the log-probs of those tokens), and the values ``[b, R']`` of the states they are
+        predicted from."""
+        hidden = self.hidden(micro)
+        logits = self.head_output(hidden, temperature, targets)
+        return logits, (self.values_of(micro, hidden) if with_values else None)
+
+    def values_of(self, micro: Micro, hidden: Tensor) -> Tensor | None:
+        """Values ``[b, R']``: the trunk head on ``hidden``, or the separate critic's own pass."""
+        if self.value_head is not None:
+            return self.value_head(hidden).squeeze(-1).float()
+        from prefalign.models import token_scores
+
+        values = token_scores(self.value_model, micro.input_ids, micro.attention_mask)
+        return values[:, -(micro.width + 1) : -1]
+
+
+def old_pass(
+    module: nn.Module, rollout: Rollout, plans: list[list[int]], device: torch.device, temperature: float
+) -> None:
+    """Fill ``rollout.logprobs``, ``.values`` and ``.entropy`` before any update, micro-batch by
+    micro-batch in the layout of the first update pass (same rows, same widths: the same arithmetic)."""
+    shape = rollout.out.response_ids.shape
+    rollout.logprobs = torch.zeros(shape)
+    rollout.values = torch.zeros(shape)
+    rollout.entropy = torch.zeros(shape)
+    with torch.no_grad():
+        for rows in plans:
+            micro = make_micro(rollout, rows, device)
+            logprobs, entropy, values = module.old_outputs(micro, temperature)
+            w = micro.width
+            rollout.logprobs[rows, :w] = (logprobs * micro.mask).cpu()
+            rollout.entropy[rows, :w] = (entropy * micro.mask).cpu()
+            if values is not None:
+                rollout.values[rows, :w] = (values * micro.mask).cpu()
+
+
+def sampler_pass(module: nn.Module, rollout: Rollout, plans: list[list[int]], device: torch.device) -> None:
+    """The cheap alternative to :func:`old_pass`: the sampler's log-probs and entropies are the old
+    policy's already, a trunk value head reads the sampler's hidden states, and only a separate critic
+    runs its own forward (in ``plans``' micro-batches); without a critic, ``rollout.values`` stays unset."""
+    out = rollout.out
+    rollout.logprobs = out.logprobs.cpu()
+    rollout.entropy = out.entropy.cpu()
+    if module.value_head is None and getattr(module, "value_model", None) is None:
+        return  # (no critic: GRPO, RLOO)
+    with torch.no_grad():
+        if module.value_head is not None:
+            rollout.values = (module.value_head(out.hidden).squeeze(-1).float() * out.response_mask).cpu()
+            return
+        from prefalign.models import token_scores
+
+        rollout.values = torch.zeros(out.response_ids.shape)
+        for rows in plans:
+            micro = make_micro(rollout, rows, device)
+            values = token_scores(module.value_model, micro.input_ids, micro.attention_mask)
+            rollout.values[rows, : micro.width] = (values[:, -(micro.width + 1) : -1] * micro.mask).cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# the update's optimiser step
+
+
+def optimizer_step(
+    run: Any, micros: list[list[int]], micro_loss: Any, scale: float, norm: float
+) -> dict[str, float]:
+    """One optimiser step over one minibatch split into micro-batches (gradients synchronised once).
+
+    Args:
+        micros: the minibatch's rows, micro-batch by micro-batch.
+        micro_loss: ``micro_loss(rows) -> (loss, sums)``: a summed loss and summed statistics.
+        scale: what each micro-batch's loss is multiplied by before backward (``1 / normaliser``, times
+            the process count where the normaliser spans every process, as DDP averages gradients).
+        norm: the statistics' sums over every process are divided by this.
+
+    Returns:
+        The normalised statistics and ``policy/grad_norm``.
+    """
+    acc = run.accelerator
+    sums: dict[str, Tensor] = {}
+    for j, rows in enumerate(micros):
+        sync = nullcontext() if j == len(micros) - 1 else acc.no_sync(run.module)
+        with sync:
+            loss, stats = micro_loss(rows)
+            acc.backward(loss * scale)
+        sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+    grad_norm = clip_gradients(acc, run.module, run.config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)  # no gradients held through the next sampling phase
+    release_freed_memory()
+    totals = sum_over_processes(acc, *(float(v) for v in sums.values()))
+    row = {k: v / max(norm, 1.0) for k, v in zip(sums, totals, strict=True)}
+    row["policy/grad_norm"] = grad_norm
+    return row
+
+
+def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each statistic over the minibatch rows of an update."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}

@@ -1,0 +1,264 @@
+"""Run folders: refuse, resume or overwrite the run already in ``--output`` (comparing the settings of
+a resumed run), clear it, and the run's metrics (``metrics.jsonl`` and the optional sinks), summary and
+closing lines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import Tensor
+
+from prefalign.config import ConfigError, check_output_folder, config_to_dict, save_config
+from prefalign.train.checkpoint import latest_checkpoint
+from prefalign.train.options import SINKS, TrainOptions
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "adapter")
+"""What a run leaves in its folder: a folder holding any of these holds a run."""
+
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "epochs", "iterations", "resume", "overwrite", "skip_nonfinite", "progress", "report_to"}
+    | {"save_every", "keep_checkpoints"}
+)
+"""Options a resumed run may change: the step budget, and how the run is shown and saved (nothing that
+changes what a step computes)."""
+
+
+def check_sinks(report_to: Sequence[str]) -> None:
+    """Refuse a --report-to sink whose package is not installed (before any model is loaded)."""
+    import importlib.util
+
+    for sink in report_to:
+        module = SINKS.get(sink, sink)
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"--report-to {sink} needs the package {module!r}, which is not installed: "
+                f"pip install 'prefalign[{sink}]'"
+            )
+
+
+def check_run_folder(config: TrainOptions) -> Path | None:
+    """Check ``config.output`` before anything is loaded; returns the checkpoint to resume from, if any.
+
+    Raises:
+        ConfigError: a --report-to sink is not installed; the folder holds a run and neither ``--resume``
+            nor ``--overwrite`` was given; ``--resume`` finds no checkpoint; or ``--resume`` with settings
+            other than the step budget changed (the message names them).
+    """
+    output = Path(config.output)
+    check_output_folder(output)
+    check_sinks(config.report_to)
+    if config.resume:
+        ckpt = latest_checkpoint(output)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {output / 'checkpoints'}, nothing to resume")
+        changed = changed_settings(ckpt / "config.yaml", config)
+        if changed:
+            raise ConfigError(
+                f"--resume: {ckpt} was trained with other settings: {'; '.join(changed)}. "
+                "Only the step budget (--max-steps, --epochs, --iterations) may change on resume; "
+                "start a new run in another --output to change the rest"
+            )
+        return ckpt
+    held = [name for name in RUN_FILES if (output / name).exists()]
+    if held and not config.overwrite:
+        raise ConfigError(
+            f"{output} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+            "--overwrite to replace it, or another --output"
+        )
+    return None
+
+
+def changed_settings(saved: Path, config: Any) -> list[str]:
+    """``"key (old -> new)"`` for each setting of ``config`` that differs from the YAML file ``saved``,
+    except those in :data:`RESUMABLE_CHANGES` (no file: nothing to compare). An option the saved file
+    does not name (it came with a later version) counts as changed only when it is not at its default."""
+    if not saved.is_file():
+        return []
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(config_to_dict(config)))  # the same round trip as the saved one
+    defaults = yaml.safe_load(yaml.safe_dump(_defaults(config)))
+    for k in set(new) - set(old):
+        if k in defaults and defaults[k] == new[k]:
+            old[k] = new[k]
+    keys = sorted((set(old) | set(new)) - RESUMABLE_CHANGES)
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
+
+
+def _defaults(config: Any) -> dict[str, Any]:
+    """The default of each option of ``config`` that has one."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def clear_run(output: Path) -> None:
+    """Delete what a previous run left in ``output`` (``--overwrite``); other files are left alone."""
+    for name in RUN_FILES:
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def begin_run(config: TrainOptions, accelerator: Any) -> Path:
+    """Make the run folder ready, the same way for every command: once every process has checked it
+    (:func:`check_run_folder`, before anything was loaded), the main process creates it, clears the old
+    run under ``--overwrite`` and writes ``config.yaml``; every process waits for that. Returns the folder."""
+    output = Path(config.output)
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            clear_run(output)
+        save_config(config, output / "config.yaml")
+    accelerator.wait_for_everyone()
+    return output
+
+
+def open_metrics(config: TrainOptions, accelerator: Any, resumed_step: int | None) -> MetricsWriter:
+    """The run's metrics writer (main process only writes). A resumed run first drops the records past
+    its checkpoint's step (:func:`truncate_metrics`), then appends."""
+    output = Path(config.output)
+    if resumed_step is not None and accelerator.is_main_process:
+        truncate_metrics(output, resumed_step)
+    accelerator.wait_for_everyone()
+    return MetricsWriter(
+        output,
+        config.report_to,
+        config=config_to_dict(config),
+        append=resumed_step is not None,
+        enabled=accelerator.is_main_process,
+    )
+
+
+def truncate_metrics(output: Path, step: int) -> None:
+    """Drop the ``metrics.jsonl`` records after ``step`` (and a half-written last line) before a resumed
+    run appends its own, so no step appears twice."""
+    path = output / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
+class MetricsWriter:
+    """Flat metric dicts as JSON lines in ``metrics.jsonl``, optionally mirrored to TensorBoard and W&B."""
+
+    def __init__(
+        self,
+        output: Path,
+        report_to: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+        append: bool = False,
+        enabled: bool = True,
+    ) -> None:
+        self.path = output / "metrics.jsonl"
+        self._file = self.path.open("a" if append else "w") if enabled else None
+        self._tb = None
+        self._wandb = None
+        if not enabled:  # not the main process: write nothing
+            return
+        try:
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(output / "tensorboard"))
+            if "wandb" in report_to:
+                import wandb
+
+                self._wandb = wandb.init(dir=str(output), config=config or {})
+        except ImportError as err:
+            self._file.close()
+            raise ConfigError(
+                f"--report-to needs a package that is not installed ({err.name}): "
+                "pip install 'prefalign[tensorboard]' or 'prefalign[wandb]'"
+            ) from None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self._file is None:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float written as a string (JSON has no NaN or Infinity)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return _plain(value)
+
+
+def read_metrics(output: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``."""
+    path = Path(output) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_summary(output: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json`` (non-finite numbers as strings); call it on the main process."""
+    (output / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+
+
+def report_done(summary: dict[str, Any], output: str, keys: Sequence[str] = (), unit: str = "steps") -> None:
+    """Print a run's closing line (and the chosen final/eval metrics) once, from the main process.
+
+    ``keys`` picks the metrics shown, by full name or by the part after the first ``/``; ``unit`` names
+    what ``summary["steps"]`` counts (an online method's iterations).
+    """
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    print(f"done: {summary['steps']} {unit} in {summary['wall_s']:.1f} s; model saved to {output}")
+    final = {**summary.get("final", {}), **summary.get("eval", {})}
+    shown = {
+        k: v
+        for k, v in final.items()
+        if isinstance(v, float) and (not keys or k.split("/", 1)[-1] in keys or k in keys)
+    }
+    if shown:
+        print("  " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
