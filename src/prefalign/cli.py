@@ -8,29 +8,108 @@ User mistakes (bad data, bad config) become one clear line on stderr and exit co
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
 from prefalign import __version__
 from prefalign.config import ConfigError, config_from_args
-from prefalign.launch import TRAINING_COMMANDS, add_launch_arguments, relaunch, wants_launch
+from prefalign.launch import (
+    ERRORS_ENV,
+    TRAINING_COMMANDS,
+    add_launch_arguments,
+    relaunch,
+    report_worker_error,
+    wants_launch,
+)
 
-# The module that registers each sub-command, in the order they appear in `prefalign --help`.
-COMMANDS: dict[str, str] = {
-    "sft": "prefalign.train.sft",
-    "reward": "prefalign.train.reward",
-    "dpo": "prefalign.train.dpo",
-    "ppo": "prefalign.train.ppo",
-    "grpo": "prefalign.train.grpo",
-    "rloo": "prefalign.train.rloo",
-    "score": "prefalign.rewards",
-    "generate": "prefalign.generation",
-    "models": "prefalign.models",
-    "rl": "prefalign.rl.cli",
-    "demo": "prefalign.demo",
+# One loader per sub-command: a plain import of the module that registers it, made only when that command
+# is asked for (so that `prefalign rl ...` or `prefalign dpo --help` does not import transformers).
+
+
+def _sft() -> ModuleType:
+    from prefalign.train import sft
+
+    return sft
+
+
+def _reward() -> ModuleType:
+    from prefalign.train import reward
+
+    return reward
+
+
+def _dpo() -> ModuleType:
+    from prefalign.train import dpo
+
+    return dpo
+
+
+def _ppo() -> ModuleType:
+    from prefalign.train import ppo
+
+    return ppo
+
+
+def _grpo() -> ModuleType:
+    from prefalign.train import grpo
+
+    return grpo
+
+
+def _rloo() -> ModuleType:
+    from prefalign.train import rloo
+
+    return rloo
+
+
+def _score() -> ModuleType:
+    from prefalign import rewards
+
+    return rewards
+
+
+def _generate() -> ModuleType:
+    from prefalign import generation
+
+    return generation
+
+
+def _models() -> ModuleType:
+    from prefalign import models
+
+    return models
+
+
+def _rl() -> ModuleType:
+    from prefalign.rl import cli
+
+    return cli
+
+
+def _demo() -> ModuleType:
+    from prefalign import demo
+
+    return demo
+
+
+COMMANDS: dict[str, Callable[[], ModuleType]] = {
+    "sft": _sft,
+    "reward": _reward,
+    "dpo": _dpo,
+    "ppo": _ppo,
+    "grpo": _grpo,
+    "rloo": _rloo,
+    "score": _score,
+    "generate": _generate,
+    "models": _models,
+    "rl": _rl,
+    "demo": _demo,
 }
+"""Each sub-command's loader, in the order they appear in `prefalign --help`; the module it returns
+registers the command with ``add_commands(subparsers)``."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -52,16 +131,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prefalign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for name, load in COMMANDS.items():
         if command is None or name == command:
-            importlib.import_module(module).add_commands(sub)
+            load().add_commands(sub)
             if name in TRAINING_COMMANDS:
                 add_launch_arguments(sub.choices[name])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Under the launcher every worker runs this; only the first one tells the user what happens.
+    quiet = os.environ.get(ERRORS_ENV) and os.environ.get("RANK", "0") != "0"
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="%(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
@@ -74,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return relaunch(argv, args)
         return int(args.func(args) or 0)
     except user_errors() as err:
-        print(f"prefalign {args.command}: error: {err}", file=sys.stderr)
+        message = f"prefalign {args.command}: error: {err}"
+        if not report_worker_error(message):  # a launcher's worker leaves it to be printed once
+            print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

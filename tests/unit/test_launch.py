@@ -11,7 +11,14 @@ import pytest
 import yaml
 
 from prefalign.cli import build_parser, main
-from prefalign.launch import TRAINING_COMMANDS, launch_command, strip_launch_options
+from prefalign.launch import (
+    ERRORS_ENV,
+    TRAINING_COMMANDS,
+    launch_command,
+    report_worker_error,
+    strip_launch_options,
+    worker_environment,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 EXPECTED = {  # file: (distributed type, what it shards)
@@ -31,19 +38,28 @@ def test_the_launch_options_are_removed_in_both_spellings():
     ]
 
 
-def test_launcher_command_lines():
-    torchrun = launch_command(["dpo", "--data", "d"], 3, None)
-    assert torchrun[0] == sys.executable
-    assert torchrun[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "prefalign", "dpo",
-        "--data", "d",
-    ]  # fmt: skip
+def test_launcher_command_line_and_worker_environment(tmp_path):
+    """--launch-config runs `accelerate launch`; --num-processes alone starts the workers here, each with
+    torchrun's variables and the launcher's store (every worker a client of it)."""
     acc = launch_command(["sft"], 8, "configs/accelerate/fsdp.yaml")
+    assert acc[0] == sys.executable
     assert acc[1:] == [
         "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
         "--num_processes", "8", "-m", "prefalign", "sft",
     ]  # fmt: skip
     assert "--num_processes" not in launch_command(["sft"], None, "c.yaml")
+    env = worker_environment(1, 3, 29555, tmp_path)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("1", "1", "3", "29555")
+    assert env["TORCHELASTIC_USE_AGENT_STORE"] == "True" and env[ERRORS_ENV] == str(tmp_path)
+
+
+def test_a_worker_leaves_its_report_to_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.delenv(ERRORS_ENV, raising=False)
+    assert report_worker_error("not under a launcher") is False
+    monkeypatch.setenv(ERRORS_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert report_worker_error("pairs.jsonl:3: bad") is True
+    assert (tmp_path / "rank-1.txt").read_text() == "pairs.jsonl:3: bad"
 
 
 @pytest.mark.parametrize("command", TRAINING_COMMANDS)
