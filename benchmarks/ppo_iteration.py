@@ -85,7 +85,7 @@ def sampler_speed(repeat: int = 3) -> dict:
     import torch
 
     from prefalign.data import encode_prompt
-    from prefalign.generation import generate
+    from prefalign.generation import SamplingSettings, generate
     from prefalign.models import load_policy, load_tokenizer
 
     tok, model = load_tokenizer("smollm2"), load_policy("smollm2")
@@ -95,7 +95,8 @@ def sampler_speed(repeat: int = 3) -> dict:
     ours, hf = [], []
     for rep in range(repeat + 1):
         t = time.perf_counter()
-        out = generate(model, tok, ids, max_new_tokens=32, temperature=1.0, seed=rep, stop_ids=[])
+        settings = SamplingSettings(max_new_tokens=32, temperature=1.0, seed=rep, stop_ids=())
+        out = generate(model, tok, ids, settings)
         a = time.perf_counter() - t
         assert int(out.response_mask.sum()) == 16 * 32
         t = time.perf_counter()

@@ -109,22 +109,12 @@ def evaluate_policy(
         An :class:`EvalResult`, records in the order of ``prompts``.
     """
     from prefalign.data import encode_prompt
-    from prefalign.generation import generate, response_logprobs
+    from prefalign.generation import SamplingSettings, generate, response_logprobs
 
     start = time.perf_counter()
     ids = [encode_prompt(tokenizer, p, raw=raw) for p in prompts]
-    out = generate(
-        policy,
-        tokenizer,
-        ids,
-        max_new_tokens=max_new_tokens,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=seed)
+    out = generate(policy, tokenizer, ids, settings, batch_size=batch_size, progress=progress)
     device = next(reference.parameters()).device
     ref_logps = response_logprobs(reference, out.rows(slice(None)), batch_size=batch_size)
     kl = sequence_kl(out.logprobs.to(device), ref_logps, out.response_mask.to(device)).cpu()
@@ -176,12 +166,13 @@ def best_of_n(
     tractable); ``reward`` is the ground truth of the kept sample.
     """
     from prefalign.data import encode_prompt
-    from prefalign.generation import generate
+    from prefalign.generation import SamplingSettings, generate
 
     start = time.perf_counter()
     expanded = [p for p in prompts for _ in range(n)]
     ids = [encode_prompt(tokenizer, p, raw=raw) for p in expanded]
-    out = generate(reference, tokenizer, ids, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, seed=seed)
+    out = generate(reference, tokenizer, ids, settings, batch_size=batch_size)
     picks = selector(expanded, out.texts)
     records = []
     for i, p in enumerate(prompts):

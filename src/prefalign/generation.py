@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -147,12 +148,22 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 
 def context_length(model: Any) -> int | None:
     """The most positions ``model`` was built for (its config's ``max_position_embeddings`` or the
-    equivalent of other families, :data:`CONTEXT_KEYS`); None when the config says nothing."""
-    config = getattr(model, "config", None)
+    equivalent of other families, :data:`CONTEXT_KEYS`); None when the config says nothing. ``model`` may
+    also be a config itself (:func:`prefalign.models.load_config`, no weights loaded)."""
+    entry = context_entry(model)
+    return None if entry is None else entry[1]
+
+
+def context_entry(model: Any) -> tuple[str, int] | None:
+    """``(key, length)``: which config attribute of :data:`CONTEXT_KEYS` holds the context of ``model``
+    (a model or its config), and its value; None when the config says nothing."""
+    from transformers import PretrainedConfig
+
+    config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
     for key in CONTEXT_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return key, value
     return None
 
 
@@ -205,6 +216,43 @@ def _check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: 
         raise ValueError(f"top_k must be >= 0 (0 means off), got {top_k}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 means off), got {top_p}")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How :func:`generate` samples each response: one bundle, checked when it is made.
+
+    Raises:
+        ValueError: a setting out of range (``max_new_tokens < 1``, a negative or non-finite temperature,
+            ``top_k < 0``, ``top_p`` outside ``(0, 1]``).
+    """
+
+    max_new_tokens: int = 64
+    """Length cap of each response."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; 0 (or anything below :data:`MIN_TEMPERATURE`) means greedy."""
+    top_k: int = 0
+    """Sample among the ``top_k`` most likely tokens (0: off); ``top_k=1`` is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1: off)."""
+    do_sample: bool = True
+    """False means greedy decoding (argmax of the raw logits)."""
+    seed: int | None = None
+    """Seeds a private ``torch.Generator``, so the same seed gives the same samples for the same prompts
+    and batch size; None uses the global RNG."""
+    stop_ids: tuple[int, ...] | None = None
+    """Tokens that end a response (any sequence of ids); None: :func:`stop_token_ids` of the tokenizer
+    and model."""
+
+    def __post_init__(self) -> None:
+        _check_settings(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        if self.stop_ids is not None:
+            object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    @property
+    def greedy(self) -> bool:
+        """Whether responses are decoded greedily (``do_sample`` off or a temperature that means greedy)."""
+        return not self.do_sample or is_greedy_temperature(self.temperature)
 
 
 def warp_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -299,45 +347,26 @@ def _entropy(scores: Tensor) -> Tensor:
     return -(logp.exp() * logp.masked_fill(torch.isinf(scores), 0.0)).sum(-1)
 
 
-def _generate_batch(
-    model: Any,
-    prompts: Sequence[Sequence[int]],
-    pad_id: int,
-    stops: Tensor,
-    max_new_tokens: int,
-    sample: dict[str, Any] | None,
-    generator: torch.Generator | None,
-    return_hidden: bool = False,
-    lean: bool = True,
-) -> tuple[Tensor, ...]:
-    """One batch of the sampling loop. ``sample=None`` means greedy; else warp settings.
-
-    Returns:
-        prompt_ids [b, P], prompt_mask [b, P], response_ids [b, R], response_mask [b, R],
-        logprobs [b, R], finished [b], and with ``return_hidden`` also hidden [b, R, H], entropy [b, R].
-    """
-    tap = _HiddenTap(model) if return_hidden else None
-    try:
-        return _decode(model, prompts, pad_id, stops, max_new_tokens, sample, generator, tap, lean)
-    finally:
-        if tap is not None:
-            tap.handle.remove()
-
-
 def _decode(
     model: Any,
     prompts: Sequence[Sequence[int]],
     pad_id: int,
-    stops: Tensor,
-    max_new_tokens: int,
-    sample: dict[str, Any] | None,
+    settings: SamplingSettings,
     generator: torch.Generator | None,
     tap: _HiddenTap | None,
     lean: bool = True,
 ) -> tuple[Tensor, ...]:
+    """One batch of the sampling loop; ``settings.stop_ids`` already resolved.
+
+    Returns:
+        prompt_ids [b, P], prompt_mask [b, P], response_ids [b, R], response_mask [b, R],
+        logprobs [b, R], finished [b], and with a ``tap`` also hidden [b, R, H], entropy [b, R].
+    """
     from prefalign.decoding import make_stepper
 
     device = next(model.parameters()).device
+    stops = torch.as_tensor(settings.stop_ids, dtype=torch.long, device=device)
+    max_new_tokens, greedy = settings.max_new_tokens, settings.greedy
     prompt_ids, prompt_mask = _left_pad(prompts, pad_id, device)
     batch, width = prompt_ids.shape
     key_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
@@ -351,10 +380,10 @@ def _decode(
     hidden: list[Tensor] = []
     entropy: list[Tensor] = []
     for step in range(max_new_tokens):
-        if sample is None:
+        if greedy:
             token = logits.argmax(-1)
         else:
-            logits = warp_logits(logits, **sample)
+            logits = warp_logits(logits, settings.temperature, settings.top_k, settings.top_p)
             token = _sample(logits.softmax(-1), generator)
         token = token.masked_fill(done, pad_id)
         logp = token_logps(logits, token)
@@ -441,14 +470,9 @@ def generate(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    do_sample: bool = True,
-    seed: int | None = None,
+    settings: SamplingSettings | None = None,
+    *,
     batch_size: int | None = None,
-    stop_ids: Sequence[int] | None = None,
     progress: bool | None = None,
     return_hidden: bool = False,
     lean: bool = True,
@@ -466,16 +490,9 @@ def generate(
             and a KV cache.
         tokenizer: gives the pad id (EOS if there is none) and the text decoding.
         prompts: ``B`` lists of token ids (e.g. from :func:`prefalign.data.encode_prompt`), each non-empty.
-        max_new_tokens: length cap of each response.
-        temperature: divides the logits before sampling; 0 (or anything below :data:`MIN_TEMPERATURE`)
-            means greedy.
-        top_k: sample among the ``top_k`` most likely tokens (0: off); ``top_k=1`` is greedy.
-        top_p: nucleus sampling threshold (1: off).
-        do_sample: False means greedy decoding (argmax of the raw logits).
-        seed: seeds a private ``torch.Generator``, so the same seed gives the same samples for the
-            same prompts and ``batch_size``; None uses the global RNG.
+        settings: length cap, temperature, top-k, top-p, greedy or not, seed and stop tokens
+            (:class:`SamplingSettings`); None: its defaults.
         batch_size: prompts per forward batch; None means all at once.
-        stop_ids: tokens that end a response; default :func:`stop_token_ids`.
         progress: show a progress bar over batches; None shows one when there are several batches.
         return_hidden: also return each response position's final hidden state and the sampling
             distribution's entropy (``hidden``, ``entropy``; for a critic on the policy's trunk).
@@ -488,9 +505,9 @@ def generate(
         the same temperature (:func:`response_logprobs`).
 
     Raises:
-        ValueError: no prompts, an empty prompt, or a setting out of range.
+        ValueError: no prompts, or an empty prompt.
     """
-    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    settings = SamplingSettings() if settings is None else settings
     if len(prompts) == 0:
         raise ValueError("generate() got no prompts")
     for i, p in enumerate(prompts):
@@ -500,37 +517,33 @@ def generate(
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an EOS token to pad with")
     device = next(model.parameters()).device
-    prompts = cap_prompts(prompts, context_length(model), max_new_tokens)
-    stops = torch.as_tensor(list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model))
-    sample = (
-        dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        if do_sample and not is_greedy_temperature(temperature)
-        else None
+    prompts = cap_prompts(prompts, context_length(model), settings.max_new_tokens)
+    if settings.stop_ids is None:
+        settings = dataclasses.replace(settings, stop_ids=tuple(stop_token_ids(tokenizer, model)))
+    generator = (
+        torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
     )
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     size = batch_size or len(prompts)
     chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     show = len(chunks) > 1 if progress is None else progress
     was_training = model.training
     model.eval()
+    tap = _HiddenTap(model) if return_hidden else None
     try:
         with torch.no_grad():
             parts = [
-                _generate_batch(
-                    model,
-                    chunk,
-                    pad_id,
-                    stops.to(device),
-                    max_new_tokens,
-                    sample,
-                    generator,
-                    return_hidden,
-                    lean,
-                )
+                _decode(model, chunk, pad_id, settings, generator, tap, lean)
                 for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not show)
             ]
     finally:
+        if tap is not None:
+            tap.handle.remove()
         model.train(was_training)
+    return _join(parts, tokenizer, pad_id)
+
+
+def _join(parts: list[tuple[Tensor, ...]], tokenizer: Any, pad_id: int) -> GenerationOutput:
+    """The batches of :func:`_decode` as one :class:`GenerationOutput`, padded to common widths."""
     width_p = max(p[0].shape[1] for p in parts)
     width_r = max(p[2].shape[1] for p in parts)
     prompt_ids = torch.cat([_pad_to(p[0], width_p, pad_id, left=True) for p in parts])
@@ -540,7 +553,7 @@ def generate(
     logprobs = torch.cat([_pad_to(p[4], width_r, 0.0, left=False) for p in parts])
     finished = torch.cat([p[5] for p in parts])
     hidden = entropy = None
-    if return_hidden:
+    if len(parts[0]) > 6:  # a hidden-state tap was on
         hidden = torch.cat([_pad_to3(p[6], width_r) for p in parts])
         entropy = torch.cat([_pad_to(p[7], width_r, 0.0, left=False) for p in parts])
     texts = [
@@ -623,6 +636,91 @@ def check_output_file(path: str | Path, field: str = "output") -> None:
         ) from None
 
 
+GENERATE_MEMORY_BOUND = 4 * 2**30
+"""Bytes `prefalign generate` may plan to hold for its responses: every response stays in memory until all
+are written (see :func:`check_generation_size`)."""
+
+BYTES_PER_POSITION = 36
+"""Held per token position of a response row (prompt + response columns): int64 ids and masks and float32
+log-probs. Measured: 20,000 responses of up to 64 tokens after a 2-token prompt took 4.58 kB each at peak
+(resident set size, the tests' tiny model), 2.1 kB more than responses of 4 tokens, ~35 bytes a position."""
+
+BYTES_PER_RESPONSE = 2300
+"""Held per response besides its positions: its record, text and bookkeeping (Python objects). Measured:
+50,000 and 100,000 responses of 4 tokens after a 2-token prompt took 2.47 kB each at peak, 2.26 kB of it
+besides the 6 positions."""
+
+
+def check_generation_size(
+    num_samples: int, num_prompts: int, longest_prompt: int, max_new_tokens: int
+) -> None:
+    """Refuse a generation whose responses would not fit :data:`GENERATE_MEMORY_BOUND` in memory.
+
+    Args:
+        num_samples: responses per prompt.
+        num_prompts: prompts.
+        longest_prompt: tokens of the longest prompt as it is generated from (after any cut to the context).
+        max_new_tokens: length cap of each response.
+
+    Raises:
+        ConfigError: naming ``num_samples``, the number of responses and the estimate.
+    """
+    from prefalign.config import ConfigError
+
+    responses = num_samples * num_prompts
+    positions = longest_prompt + max_new_tokens
+    need = responses * (positions * BYTES_PER_POSITION + BYTES_PER_RESPONSE)
+    if need <= GENERATE_MEMORY_BOUND:
+        return
+    count = f"{responses}" if num_prompts == 1 else f"{num_samples} x {num_prompts} prompts = {responses}"
+    fits = GENERATE_MEMORY_BOUND // (num_prompts * (positions * BYTES_PER_POSITION + BYTES_PER_RESPONSE))
+    fix = f"ask for at most {fits} samples per prompt, or split" if fits >= 1 else "split"
+    raise ConfigError(
+        f"num_samples: {count} responses of up to {positions} tokens would hold about "
+        f"{need / 2**30:,.0f} GiB in memory until they are written, past the {GENERATE_MEMORY_BOUND // 2**30} "
+        f"GiB bound of `prefalign generate`; {fix} the prompts into several runs"
+    )
+
+
+def check_context(
+    prompt_lengths: Sequence[int], max_new_tokens: int, context: tuple[str, int] | None
+) -> None:
+    """Refuse a ``max_new_tokens`` for which no prompt leaves room in the model's context.
+
+    The shortest prompt counts (after the cut of a longer prompt to the context): a longer prompt whose
+    response runs past the context is warned about by :func:`cap_prompts`, as before, but when even the
+    shortest one leaves no room, no response could be sampled from trained positions (and the cache for
+    ``max_new_tokens`` positions is allocated up front: ``--max-new-tokens 10**12`` asked for terabytes).
+
+    Args:
+        prompt_lengths: tokens of each prompt.
+        max_new_tokens: length cap of each response.
+        context: ``(config key, length)`` from :func:`context_entry`; None (unknown) checks nothing.
+
+    Raises:
+        ConfigError: naming ``max_new_tokens``, the prompt length, the context and how many tokens fit.
+    """
+    from prefalign.config import ConfigError
+
+    if context is None or not prompt_lengths:
+        return
+    key, length = context
+    shortest = min(min(prompt_lengths), length)
+    if shortest + max_new_tokens <= length:
+        return
+    which = (
+        f"a prompt of {shortest} tokens"
+        if len(prompt_lengths) == 1
+        else f"the shortest prompt ({shortest} tokens)"
+    )
+    room = length - shortest
+    fix = f"at most {room} fit" if room > 0 else "the prompt already fills it; shorten the prompt"
+    raise ConfigError(
+        f"max_new_tokens: {max_new_tokens} new tokens after {which} pass the model's context of {length} "
+        f"tokens ({key} in its config); {fix}"
+    )
+
+
 @dataclass
 class GenerateConfig:
     """Sample responses from a model to one prompt or a file of prompts."""
@@ -681,30 +779,36 @@ def run_generate(config: GenerateConfig) -> list[dict[str, Any]]:
     ``finished`` (ended with a stop token) and ``logprob`` (sum of the response's token log-probs).
     """
     from prefalign.data import encode_prompt, load_prompts
-    from prefalign.models import load_policy, load_tokenizer, resolve_model
+    from prefalign.models import load_config, load_policy, load_tokenizer, resolve_model
 
     rows = [{"prompt": config.prompt}] if config.prompt is not None else load_prompts(config.prompts)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = resolve_model(config.model)  # fetches a builtin the first time
-    start = time.perf_counter()
     tokenizer = load_tokenizer(path)
+    ids = [encode_prompt(tokenizer, row["prompt"], raw=config.raw) for row in rows]
+    # the sizes against the model's context and memory, before its weights are loaded
+    context = context_entry(load_config(path))
+    check_context([len(p) for p in ids], config.max_new_tokens, context)
+    longest = max(len(p) for p in ids)
+    check_generation_size(
+        config.num_samples,
+        len(ids),
+        longest if context is None else min(longest, context[1]),
+        config.max_new_tokens,
+    )
+    start = time.perf_counter()
     model = load_policy(path, dtype=config.dtype, device=device)
     log.info("loaded model %s in %.1f s", config.model, time.perf_counter() - start)
-    ids = [encode_prompt(tokenizer, row["prompt"], raw=config.raw) for row in rows]
     expanded = [(r, k, p) for r, p in zip(rows, ids, strict=True) for k in range(config.num_samples)]
     start = time.perf_counter()
-    out = generate(
-        model,
-        tokenizer,
-        [p for _, _, p in expanded],
+    settings = SamplingSettings(
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
-        do_sample=not is_greedy_temperature(config.temperature),
         seed=config.seed,
-        batch_size=config.batch_size,
     )
+    out = generate(model, tokenizer, [p for _, _, p in expanded], settings, batch_size=config.batch_size)
     num_tokens = out.response_mask.sum(-1)
     log.info(
         "generated %d tokens for %d responses in %.1f s",

@@ -449,6 +449,16 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_config(name: str, trust_remote_code: bool = False) -> Any:
+    """The ``PretrainedConfig`` of model ``name`` (folder, builtin or hub id), without loading its weights:
+    what a command checks its sizes against (the context length) before paying for the weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    with _load_errors(name, path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def _finish(model: PreTrainedModel, device: str | torch.device | None) -> PreTrainedModel:
     if device is not None:
         model.to(device)
@@ -500,8 +510,9 @@ def own_trainable_memory(model: torch.nn.Module) -> int:
     """Copy the trainable CPU weights out of the checkpoint file's memory map; returns how many.
 
     transformers leaves loaded weights in a private memory map of the safetensors file, so the first
-    optimiser step that writes them takes a copy-on-write fault per 4 KiB page: 1.7 s for SmolLM2's 540
-    MB here, against 0.2 s to copy them once after loading (the map is released with the last view).
+    optimiser step that writes them takes a copy-on-write fault per 4 KiB page: copying them once after
+    loading took the DPO benchmark's first ``optimizer.step()`` from 2.05 to about 0.35 s (BENCHMARKS.md;
+    the map is released with the last view).
     Frozen weights (a reference model, LoRA's base) stay mapped and shared with the page cache.
     """
     copied = 0
@@ -536,34 +547,53 @@ def load_reward_model(
     lora: LoraSettings | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    trained_head: bool = False,
 ) -> PreTrainedModel:
     """Load a sequence classifier with one output: a reward model (or, via :func:`load_value_model`, a critic).
 
     From a causal-LM checkpoint the transformer is reused and the scalar ``score`` head is newly
-    initialised (logged). ``config.pad_token_id`` is set from the tokenizer, which transformers needs to
-    find each sequence's last token; :func:`sequence_scores` uses the attention mask instead.
+    initialised (logged), which is what training a reward model or a critic starts from. To *score* with
+    the model, pass ``trained_head=True``: a checkpoint without the head is then refused, since its scores
+    would come from random weights. ``config.pad_token_id`` is set from the tokenizer, which transformers
+    needs to find each sequence's last token; :func:`sequence_scores` uses the attention mask instead.
 
     Args:
         name, dtype, lora, trust_remote_code, device: as in :func:`load_policy`.
+        trained_head: refuse a checkpoint whose scalar head would be newly initialised.
 
     Returns:
         A ``*ForSequenceClassification`` model whose ``logits`` are ``[B, 1]``.
+
+    Raises:
+        ModelError: with ``trained_head``, the checkpoint holds no scalar head (a plain language model).
     """
     path = resolve_model(name)
     _check_safetensors(path)
     torch_dtype = resolve_dtype(dtype, device)
+    if trained_head:
+        _check_head(name, path)  # a local folder is checked before its weights are loaded
     tokenizer = load_tokenizer(path)
     with _load_errors(name, path), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=1,
-            dtype=torch_dtype,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-        )
-    new = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=1,
+                dtype=torch_dtype,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
+        except RuntimeError as err:
+            if "mismatched_sizes" not in str(err):
+                raise
+            raise ModelError(
+                f"{name}: its weights do not fit a reward model's single-output head (a classifier with "
+                "several labels?); see transformers' load report above"
+            ) from None
+    new = [k for k in info.get("missing_keys", []) if k.split(".")[0] in _HEADS]
+    if new and trained_head:
+        _refuse_headless(name, path, new)
     if new:
         log.info(
             "%s: scalar head %s newly initialised (the checkpoint is not a reward model)",
@@ -575,6 +605,58 @@ def load_reward_model(
         model = apply_lora(model, lora)
     own_trainable_memory(model)
     return _finish(model, device)
+
+
+_HEADS = ("score", "classifier")
+"""First parts of a sequence classifier's head weights (``score.weight``; ``classifier.*`` in some families)."""
+
+
+def _checkpoint_shapes(path: str) -> dict[str, list[int]] | None:
+    """The shape of each tensor stored in a local folder's ``*.safetensors`` files (headers only, no weights
+    read); None for a hub id or a folder that cannot be read this way."""
+    if not _is_local(path):
+        return None
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    try:
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({key: list(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
+    except Exception:  # an unreadable file: leave the verdict to loading, which reports it
+        return None
+    return shapes or None
+
+
+def _check_head(name: str, path: str) -> None:
+    """Refuse a local checkpoint without a scalar head, or whose head has more than one output."""
+    shapes = _checkpoint_shapes(path)
+    if shapes is None:
+        return
+    heads = {k: v for k, v in shapes.items() if k.split(".")[0] in _HEADS}
+    if not heads:
+        _refuse_headless(name, path, ["score.weight"])
+    outputs = ("score.weight", "classifier.weight", "classifier.out_proj.weight")  # the last projection
+    wide = {k: v for k, v in heads.items() if k in outputs and v and v[0] != 1}
+    if wide:
+        key, shape = sorted(wide.items())[-1]
+        raise ModelError(
+            f"{name}: its head {key} has {shape[0]} outputs (a classifier with {shape[0]} labels), but a "
+            "reward model has one: give a `prefalign reward` output folder"
+        )
+
+
+def _refuse_headless(name: str, path: str, missing: list[str]) -> None:
+    """Raise the error for a reward model without a trained scalar head."""
+    kind = "checkpoint"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        config = json.loads((Path(path) / "config.json").read_text())
+        kind = ", ".join(config.get("architectures") or []) or kind
+    raise ModelError(
+        f"{name}: no trained reward head: this {kind} lacks {', '.join(sorted(missing))}, so its scores "
+        "would come from a randomly initialised head; give a `prefalign reward` output folder "
+        "(train one from this model with `prefalign reward`)"
+    )
 
 
 def load_value_model(

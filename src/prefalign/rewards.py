@@ -19,13 +19,11 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-BUILTIN_REWARDS = ("sentiment",)
 
 
 class RewardError(ValueError):
@@ -35,28 +33,49 @@ class RewardError(ValueError):
 def check_scores(name: str, scores: Any, count: int) -> list[float]:
     """Validate what a reward source returned: ``count`` finite numbers.
 
+    Accepted containers are ordered ones: a list, a tuple, any other sequence, a tensor or NumPy array
+    (flattened) and an iterator such as a generator. A text, a mapping (its keys would pass for the scores)
+    or a set (no order) is refused, as is anything that is not a real number or does not fit a float.
+
     Raises:
         RewardError: naming ``name`` and the first problem found.
     """
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().float().cpu().reshape(-1).tolist()
-    if isinstance(scores, str | bytes) or not isinstance(scores, Sequence | tuple):
-        try:
-            scores = list(scores)
-        except TypeError:
-            raise RewardError(
-                f"reward {name}: expected a list of {count} numbers, got {type(scores).__name__}"
-            ) from None
+    elif type(scores).__module__ == "numpy" and hasattr(scores, "tolist") and hasattr(scores, "reshape"):
+        scores = scores.reshape(-1).tolist()
+    if isinstance(scores, str | bytes | Mapping | Set) or not isinstance(scores, Sequence | Iterator):
+        raise RewardError(
+            f"reward {name}: returned a {type(scores).__name__}, expected a list of {count} numbers "
+            "(one per completion, in order)"
+        )
+    scores = list(scores)
     if len(scores) != count:
         raise RewardError(f"reward {name}: returned {len(scores)} scores for {count} completions")
-    out = []
-    for i, value in enumerate(scores):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise RewardError(f"reward {name}: score {i} is {value!r}, not a number")
-        if not math.isfinite(float(value)):
-            raise RewardError(f"reward {name}: score {i} is {value}, not finite")
-        out.append(float(value))
-    return out
+    return [_score_value(name, i, value) for i, value in enumerate(scores)]
+
+
+def _score_value(name: str, i: int, value: Any) -> float:
+    """Score ``i`` as a finite float, or a RewardError naming the source and the score."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RewardError(f"reward {name}: score {i} is {_short_repr(value)}, not a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past ~1.8e308
+        raise RewardError(
+            f"reward {name}: score {i} is {_short_repr(value)}, too large for a float"
+        ) from None
+    if not math.isfinite(number):
+        raise RewardError(f"reward {name}: score {i} is {number}, not finite")
+    return number
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` for one line of an error message: a huge integer as its digit count, else cut."""
+    if isinstance(value, int) and abs(value) >= 10**limit:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RewardSource:
@@ -102,6 +121,10 @@ class SentimentReward(RewardSource):
         return vader_scores(completions)
 
 
+BUILTIN_REWARDS: dict[str, type[RewardSource]] = {"sentiment": SentimentReward}
+"""The reward sources named by a word (``--reward sentiment``); any other name is a ``module:function``."""
+
+
 # --------------------------------------------------------------------------------------------------
 # user callables
 
@@ -118,6 +141,11 @@ class CallableReward(RewardSource):
             return self.fn(prompts, completions)
         except RewardError:
             raise
+        except SystemExit as err:  # would end the run with its code (often 0) and nothing saved
+            code = "" if err.code is None else repr(err.code)
+            raise RewardError(
+                f"reward {self.name}: called sys.exit({code}) instead of returning scores"
+            ) from None
         except Exception as err:  # the user's code: report it as the reward's failure, in one line
             raise RewardError(f"reward {self.name} raised {type(err).__name__}: {err}") from err
 
@@ -166,7 +194,7 @@ class ModelReward(RewardSource):
 
         self.name = f"model:{path}"
         self.tokenizer = load_tokenizer(path)
-        self.model = freeze(load_reward_model(path, dtype=dtype, device=device))
+        self.model = freeze(load_reward_model(path, dtype=dtype, device=device, trained_head=True))
         self.raw = raw
         self.batch_size = batch_size
 
@@ -223,9 +251,8 @@ def make_reward(
         )
     if reward_model is not None:
         return ModelReward(reward_model, device=device, raw=raw)
-    if reward == "sentiment":
-        return SentimentReward()
-    return CallableReward(str(reward))
+    builtin = BUILTIN_REWARDS.get(str(reward))
+    return builtin() if builtin is not None else CallableReward(str(reward))
 
 
 class WeightedReward(RewardSource):

@@ -48,7 +48,7 @@ def test_prompts_file_to_jsonl(model_dir, assets, tmp_path):
 def test_single_prompt_prints_the_greedy_response(model_dir, capsys, caplog):
     """With temperature 0 the printed text is exactly the Python API's greedy response to the templated
     prompt; the model-loading time is logged."""
-    from prefalign.generation import generate
+    from prefalign.generation import SamplingSettings, generate
     from prefalign.models import load_policy, load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
@@ -56,8 +56,7 @@ def test_single_prompt_prints_the_greedy_response(model_dir, capsys, caplog):
         load_policy(str(model_dir)),
         tok,
         [prefalign.data.encode_prompt(tok, "The movie was")],
-        max_new_tokens=8,
-        do_sample=False,
+        SamplingSettings(max_new_tokens=8, do_sample=False),
     ).texts[0]
     caplog.set_level("INFO")
     args = ["generate", "--model", str(model_dir), "--prompt", "The movie was", "--max-new-tokens", "8"]
@@ -213,3 +212,57 @@ def test_device_cuda_without_cuda_is_refused_before_any_model(monkeypatch, capsy
     assert main([*command, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "device: 'cuda' asked for, but CUDA is not available here" in err and "Traceback" not in err
+
+
+# ---- sizes that cannot be generated: refused before the model loads, nothing written ---------------
+
+
+@pytest.fixture
+def no_weights_loading(monkeypatch):
+    """Loading the weights fails the test (finding the model and reading its config and tokenizer is fine)."""
+    import prefalign.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded although the command should have stopped before")
+
+    monkeypatch.setattr(prefalign.models, "load_policy", refuse)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--max-new-tokens", "1000000000000"],
+            "max_new_tokens: 1000000000000 new tokens after a prompt of 2 tokens pass the model's context of "
+            "32 tokens (max_position_embeddings in its config); at most 30 fit",
+        ),
+        (["--max-new-tokens", "31"], "at most 30 fit"),  # one past the context
+        (
+            ["--num-samples", "1000000000", "--max-new-tokens", "8"],
+            "num_samples: 1000000000 responses of up to 10 tokens would hold about 2,477 GiB in memory",
+        ),
+        (["--num-samples", "2000000", "--max-new-tokens", "10"], "2000000 responses of up to 12 tokens"),
+    ],
+)
+def test_sizes_past_the_context_or_memory_are_refused_before_the_weights_load(
+    short_context_dir, tmp_path, capsys, no_weights_loading, extra, message
+):
+    """--max-new-tokens 10^12 used to try to allocate terabytes, --num-samples 10^9 ended in MemoryError
+    after 104 s. Now one line, exit 2, within seconds, before the weights load, and no output file."""
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(short_context_dir), "--prompt", "Hi", "--raw", "--output", str(out)]
+    start = time.perf_counter()
+    assert main([*args, *extra]) == 2
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("prefalign generate: error: ") and message in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_longest_response_that_fits_is_accepted(short_context_dir, tmp_path):
+    """The bound is exact: "Hi" (2 tokens raw) plus 30 new tokens is the 32-position context."""
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(short_context_dir), "--prompt", "Hi", "--raw", "--output", str(out)]
+    assert main([*args, "--max-new-tokens", "30", "--temperature", "0"]) == 0
+    assert 1 <= _read(out)[0]["num_tokens"] <= 30

@@ -70,3 +70,40 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path, ca
     for out, why in ((tmp_path, "is a folder"), (taken / "scored.jsonl", "which is a file")):
         assert main(["score", "--data", str(data), "--output", str(out), "--reward", "sentiment"]) == 2
         assert why in capsys.readouterr().err
+
+
+def test_a_plain_language_model_is_refused_as_a_reward_model(tmp_path, tiny_model_dir, capsys):
+    """A causal-LM folder has no trained ``score`` head: scoring with it used to warn and return the
+    outputs of a freshly initialised random head. Now one line naming the folder, exit 2, no output."""
+    data = tmp_path / "samples.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    out = tmp_path / "scored.jsonl"
+    argv = ["score", "--data", str(data), "--output", str(out), "--reward-model", str(tiny_model_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"prefalign score: error: {tiny_model_dir}: no trained reward head"), err
+    assert "score.weight" in err[0] and "prefalign reward" in err[0]
+    assert not out.exists()
+
+
+def test_a_classifier_with_two_labels_is_refused_as_a_reward_model(tmp_path, tiny_model_dir, capsys):
+    """A sequence classifier with 2 labels used to end in transformers' size-mismatch RuntimeError
+    traceback; now one line saying its head has 2 outputs where a reward model has one."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefalign.models import load_tokenizer
+
+    two = tmp_path / "two-labels"
+    AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2).save_pretrained(two)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(two)
+    data = tmp_path / "samples.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", "--data", str(data), "--output", str(out), "--reward-model", str(two)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"prefalign score: error: {two}: its head score.weight has 2 outputs (a classifier with 2 labels), "
+        "but a reward model has one: give a `prefalign reward` output folder"
+    )
+    assert not out.exists()

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prefalign.data import encode_prompt
-from prefalign.generation import generate
+from prefalign.generation import SamplingSettings, generate
 from prefalign.models import fetch_builtin, load_policy, load_tokenizer
 
 
@@ -57,7 +57,12 @@ def test_haiku_about_autumn_is_real_text(policy, tokenizer):
     """Four samples with the CLI's default settings (temperature 0.7, top-p 0.9): every one is English
     words about the season, and most end with <|im_end|> (this 4-bit-derived 135M model sometimes loops)."""
     prompt = encode_prompt(tokenizer, "Write a haiku about autumn.")
-    out = generate(policy, tokenizer, [prompt] * 4, max_new_tokens=96, temperature=0.7, top_p=0.9, seed=0)
+    out = generate(
+        policy,
+        tokenizer,
+        [prompt] * 4,
+        SamplingSettings(max_new_tokens=96, temperature=0.7, top_p=0.9, seed=0),
+    )
     seasonal = {
         "autumn",
         "fall",
@@ -83,7 +88,7 @@ def test_greedy_equals_transformers_generate(policy, tokenizer):
     prompt = encode_prompt(tokenizer, "Write a haiku about autumn.")
     ids = torch.tensor([prompt])
     reference = policy.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40)
-    ours = generate(policy, tokenizer, [prompt], max_new_tokens=40, do_sample=False)
+    ours = generate(policy, tokenizer, [prompt], SamplingSettings(max_new_tokens=40, do_sample=False))
     n = int(ours.response_mask[0].sum())
     assert ours.response_ids[0, :n].tolist() == reference[0, len(prompt) : len(prompt) + n].tolist()
 
@@ -94,7 +99,7 @@ def test_generated_logprobs_match_a_fresh_forward(policy, tokenizer):
     prompts = [
         encode_prompt(tokenizer, p) for p in ("Name a color.", "Tell me a fact about the moon, briefly.")
     ]
-    out = generate(policy, tokenizer, prompts, max_new_tokens=16, temperature=0.8, seed=0)
+    out = generate(policy, tokenizer, prompts, SamplingSettings(max_new_tokens=16, temperature=0.8, seed=0))
     for i, prompt in enumerate(prompts):
         response = out.response_ids[i][out.response_mask[i].bool()].tolist()
         with torch.no_grad():

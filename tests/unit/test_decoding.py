@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prefalign.decoding import HFStepper, LeanStepper, lean_supported, make_stepper
-from prefalign.generation import generate
+from prefalign.generation import SamplingSettings, generate
 from prefalign.testing import tiny_causal_lm
 
 PROMPTS = ["The movie", "It is tedious and messy. It is", "Write a short review of the movie. It is good"]
@@ -43,8 +43,12 @@ def test_lean_logits_equal_the_models_forward_step_by_step(tokenizer, prompts, s
 
 
 def test_greedy_generation_is_the_same_either_way(tiny_model, tokenizer, prompts):
-    lean = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, do_sample=False, lean=True)
-    hf = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, do_sample=False, lean=False)
+    lean = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=12, do_sample=False), lean=True
+    )
+    hf = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=12, do_sample=False), lean=False
+    )
     assert torch.equal(lean.response_ids, hf.response_ids)
     torch.testing.assert_close(lean.logprobs, hf.logprobs, atol=1e-4, rtol=0)
 
@@ -56,5 +60,11 @@ def test_other_architectures_fall_back_to_their_own_forward(tokenizer):
     assert not lean_supported(gpt2)
     assert isinstance(make_stepper(gpt2, torch.ones(1, 4, dtype=torch.long)), HFStepper)
     assert lean_supported(tiny_causal_lm(tokenizer=tokenizer))
-    out = generate(gpt2, tokenizer, [[5, 6, 7]], max_new_tokens=3, do_sample=False, stop_ids=[])
-    assert out.response_ids.shape == (1, 3)
+    out = generate(
+        gpt2, tokenizer, [[5, 6, 7]], SamplingSettings(max_new_tokens=3, do_sample=False, stop_ids=[])
+    )
+    ids = torch.tensor([[5, 6, 7]])  # greedy by hand: the whole sequence through the model's forward
+    with torch.no_grad():
+        for _ in range(3):
+            ids = torch.cat([ids, gpt2(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out.response_ids.tolist() == ids[:, 3:].tolist()

@@ -8,6 +8,7 @@ import torch
 from prefalign.generation import (
     MIN_TEMPERATURE,
     GenerationOutput,
+    SamplingSettings,
     _sample,
     cap_prompts,
     check_device,
@@ -45,7 +46,9 @@ def test_logprobs_equal_a_fresh_unpadded_forward(tiny_model, tokenizer, prompts)
     """Each generated token's log-prob must equal log_softmax(logits / T) of a plain forward over that row's
     own prompt + response, with no padding and default positions: the log-prob under the distribution
     that sampled (temperature 0.7 here), the convention PPO's ratio needs."""
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, temperature=0.7, seed=3)
+    out = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=12, temperature=0.7, seed=3)
+    )
     assert out.response_ids.shape == out.logprobs.shape == out.response_mask.shape
     for i, prompt in enumerate(prompts):
         response = _responses(out)[i]
@@ -64,7 +67,9 @@ def test_logprobs_with_top_k_are_those_of_the_truncated_distribution(tiny_model,
     """With top-k the sampling distribution is the renormalised top k, so each recorded log-prob is
     log_softmax over the warped logits: never below the plain log-prob, and the k kept probabilities
     of every step sum to 1 (checked through the first token)."""
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, top_k=5, seed=1)
+    out = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=6, temperature=1.0, top_k=5, seed=1)
+    )
     plain = response_logprobs(tiny_model, out)
     mask = out.response_mask.bool()
     assert torch.all(out.logprobs[mask] >= plain[mask] - 1e-5)
@@ -83,7 +88,9 @@ def test_response_logprobs_of_the_sampling_model_equal_the_recorded_ones(
     """PPO's old/reference passes: a fresh batched forward over GenerationOutput (left-padded prompts,
     right-padded responses) reproduces the sampled log-probs to 1e-4, at the same temperature, in one
     batch or several; 0 off the response mask."""
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, temperature=temperature, seed=5)
+    out = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, temperature=temperature, seed=5)
+    )
     for batch_size in (None, 2):
         again = response_logprobs(tiny_model, out, temperature=temperature, batch_size=batch_size)
         torch.testing.assert_close(again, out.logprobs, atol=1e-4, rtol=0)
@@ -93,7 +100,7 @@ def test_response_logprobs_of_the_sampling_model_equal_the_recorded_ones(
 def test_logprobs_equal_a_padded_batch_forward(tiny_model, tokenizer, prompts):
     """The batch layout of GenerationOutput.sequences(), scored in one forward with mask-derived positions,
     reproduces the log-probs too (this is how a trainer re-scores rollouts)."""
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, seed=0)
+    out = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, seed=0))
     input_ids, attention_mask = out.sequences()
     with torch.no_grad():
         logits = tiny_model(
@@ -108,7 +115,7 @@ def test_logprobs_equal_a_padded_batch_forward(tiny_model, tokenizer, prompts):
 
 
 def test_prompts_are_left_padded(tiny_model, tokenizer, prompts):
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=2, do_sample=False)
+    out = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=2, do_sample=False))
     pad = tokenizer.pad_token_id
     for i, prompt in enumerate(prompts):
         row, mask = out.prompt_ids[i], out.prompt_mask[i]
@@ -121,10 +128,16 @@ def test_prompts_are_left_padded(tiny_model, tokenizer, prompts):
 def test_greedy_batched_equals_one_prompt_at_a_time(tiny_model, tokenizer, prompts, batch_size):
     """With correct position ids and masks, padding must not change a prompt's greedy continuation."""
     batched = generate(
-        tiny_model, tokenizer, prompts, max_new_tokens=15, do_sample=False, batch_size=batch_size
+        tiny_model,
+        tokenizer,
+        prompts,
+        SamplingSettings(max_new_tokens=15, do_sample=False),
+        batch_size=batch_size,
     )
     for i, prompt in enumerate(prompts):
-        alone = generate(tiny_model, tokenizer, [prompt], max_new_tokens=15, do_sample=False)
+        alone = generate(
+            tiny_model, tokenizer, [prompt], SamplingSettings(max_new_tokens=15, do_sample=False)
+        )
         assert _responses(batched)[i] == _responses(alone)[0]
         assert batched.texts[i] == alone.texts[0]
         torch.testing.assert_close(
@@ -135,10 +148,14 @@ def test_greedy_batched_equals_one_prompt_at_a_time(tiny_model, tokenizer, promp
 def test_stops_at_the_first_stop_token_and_masks_the_rest(tiny_model, tokenizer, prompts):
     """Greedy is deterministic, so a run with stop tokens must equal the run without, cut after the first
     stop token of each row; afterwards: pad ids, mask 0, log-prob 0."""
-    free = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, do_sample=False, stop_ids=[])
+    free = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=12, do_sample=False, stop_ids=[])
+    )
     assert free.response_mask.all() and not free.finished.any()
     stop = int(free.response_ids[0, 3])
-    cut = generate(tiny_model, tokenizer, prompts, max_new_tokens=12, do_sample=False, stop_ids=[stop])
+    cut = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=12, do_sample=False, stop_ids=[stop])
+    )
     pad = tokenizer.pad_token_id
     for i in range(len(prompts)):
         full = free.response_ids[i].tolist()
@@ -161,7 +178,7 @@ def test_default_stop_is_eos_and_the_loop_ends_when_all_rows_stop(tokenizer, pro
         head.bias.zero_()
         head.bias[tokenizer.eos_token_id] = 30.0
     model.lm_head = head
-    out = generate(model, tokenizer, prompts, max_new_tokens=20, seed=0)
+    out = generate(model, tokenizer, prompts, SamplingSettings(max_new_tokens=20, seed=0))
     assert out.response_ids.tolist() == [[tokenizer.eos_token_id]] * 3
     assert out.response_mask.tolist() == [[1]] * 3
     assert out.finished.all()
@@ -176,9 +193,9 @@ def test_stop_token_ids_include_eos_and_end_of_turn(tiny_model, tokenizer):
 
 
 def test_same_seed_same_samples_other_seed_other_samples(tiny_model, tokenizer, prompts):
-    a = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, seed=7)
-    b = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, seed=7)
-    c = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, seed=8)
+    a = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, seed=7))
+    b = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, seed=7))
+    c = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, seed=8))
     assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
     assert not torch.equal(a.response_ids, c.response_ids)
 
@@ -187,27 +204,29 @@ def test_seed_does_not_touch_the_global_rng(tiny_model, tokenizer, prompts):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    generate(tiny_model, tokenizer, prompts, max_new_tokens=5, seed=1)
+    generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=5, seed=1))
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_top_k_1_and_temperature_0_are_greedy(tiny_model, tokenizer, prompts):
-    greedy = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, do_sample=False)
-    top1 = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, top_k=1, temperature=1.5, seed=0)
-    cold = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, temperature=0.0)
+    greedy = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, do_sample=False))
+    top1 = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, top_k=1, temperature=1.5, seed=0)
+    )
+    cold = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, temperature=0.0))
     assert torch.equal(top1.response_ids, greedy.response_ids)
     assert torch.equal(cold.response_ids, greedy.response_ids)
 
 
 def test_texts_decode_the_masked_response(tiny_model, tokenizer, prompts):
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=8, seed=0)
+    out = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=8, seed=0))
     for text, ids in zip(out.texts, _responses(out), strict=True):
         assert text == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_restores_train_mode_and_builds_no_graph(tiny_model, tokenizer, prompts):
     tiny_model.train()
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=3, seed=0)
+    out = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=3, seed=0))
     assert tiny_model.training
     assert not out.logprobs.requires_grad
 
@@ -216,11 +235,23 @@ def test_bad_settings_say_what(tiny_model, tokenizer, prompts):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(tiny_model, tokenizer, [prompts[0], []])
     with pytest.raises(ValueError, match="top_p"):
-        generate(tiny_model, tokenizer, prompts, top_p=0.0)
+        generate(tiny_model, tokenizer, prompts, SamplingSettings(top_p=0.0))
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(tiny_model, tokenizer, prompts, max_new_tokens=0)
+        generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=0))
     with pytest.raises(ValueError, match="no prompts"):
         generate(tiny_model, tokenizer, [])
+
+
+def test_sampling_settings_are_checked_when_made_and_keep_stop_ids_as_a_tuple():
+    """A bad setting fails where the bundle is made, not deep in the sampling loop; stop ids given as a
+    list are held as a tuple (the bundle is frozen and hashable); greedy is do_sample off or T below 1e-5."""
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        SamplingSettings(top_k=-1)
+    settings = SamplingSettings(stop_ids=[7, 3])
+    assert settings.stop_ids == (7, 3) and settings == SamplingSettings(stop_ids=(7, 3))
+    assert hash(settings) == hash(SamplingSettings(stop_ids=(7, 3)))
+    assert SamplingSettings(do_sample=False).greedy and SamplingSettings(temperature=9e-6).greedy
+    assert not SamplingSettings(temperature=1e-5).greedy and not SamplingSettings().greedy
 
 
 def _naive_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -267,7 +298,11 @@ def test_returned_hidden_states_and_entropy_match_a_fresh_forward(tiny_model, to
     from prefalign.losses import entropy_from_logits
 
     out = generate(
-        tiny_model, tokenizer, prompts, max_new_tokens=8, temperature=0.9, seed=2, return_hidden=True
+        tiny_model,
+        tokenizer,
+        prompts,
+        SamplingSettings(max_new_tokens=8, temperature=0.9, seed=2),
+        return_hidden=True,
     )
     assert out.hidden.shape == (*out.response_ids.shape, tiny_model.config.hidden_size)
     fresh = response_logits(tiny_model, out, temperature=0.9)
@@ -277,7 +312,9 @@ def test_returned_hidden_states_and_entropy_match_a_fresh_forward(tiny_model, to
     torch.testing.assert_close(again[mask], fresh[mask], atol=1e-4, rtol=0)
     torch.testing.assert_close(out.entropy[mask], entropy_from_logits(fresh)[mask], atol=1e-4, rtol=0)
     assert torch.all(out.hidden[~mask] == 0) and torch.all(out.entropy[~mask] == 0)
-    plain = generate(tiny_model, tokenizer, prompts, max_new_tokens=8, temperature=0.9, seed=2)
+    plain = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=8, temperature=0.9, seed=2)
+    )
     assert torch.equal(plain.response_ids, out.response_ids) and plain.hidden is None
 
 
@@ -289,8 +326,10 @@ def test_a_temperature_below_the_threshold_is_exactly_greedy(tiny_model, tokeniz
     """Dividing by 1e-45 overflows every logit to inf and softmax gives NaN; below MIN_TEMPERATURE the
     sampler decodes greedily instead: the same tokens and log-probs as do_sample=False, all finite, and
     the fresh-forward pass at that temperature agrees with them."""
-    greedy = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, do_sample=False)
-    cold = generate(tiny_model, tokenizer, prompts, max_new_tokens=10, temperature=temperature, seed=0)
+    greedy = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, do_sample=False))
+    cold = generate(
+        tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=10, temperature=temperature, seed=0)
+    )
     assert torch.equal(cold.response_ids, greedy.response_ids)
     assert torch.equal(cold.logprobs, greedy.logprobs)
     assert torch.isfinite(cold.logprobs).all()
@@ -315,7 +354,7 @@ def test_a_temperature_that_is_not_a_number_or_negative_is_refused(
     tiny_model, tokenizer, prompts, temperature
 ):
     with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
-        generate(tiny_model, tokenizer, prompts, temperature=temperature)
+        generate(tiny_model, tokenizer, prompts, SamplingSettings(temperature=temperature))
 
 
 def test_prompts_longer_than_the_context_keep_their_last_tokens(tiny_model, tokenizer, prompts, caplog):
@@ -326,19 +365,21 @@ def test_prompts_longer_than_the_context_keep_their_last_tokens(tiny_model, toke
     long = prompts[2]
     assert len(long) > 12 >= max(len(prompts[0]), len(prompts[1]))
     caplog.set_level("WARNING")
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=4, do_sample=False)
+    out = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=4, do_sample=False))
     assert out.prompt_ids.shape[1] == 12
     assert out.prompt_ids[2].tolist() == long[-12:]
     cut_warnings = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
     assert cut_warnings == ["cut 1 of 3 prompts to their last 12 tokens: the model's context is 12 tokens"]
     assert any("pass the model's context of 12 tokens" in r.getMessage() for r in caplog.records)
-    direct = generate(tiny_model, tokenizer, [long[-12:]], max_new_tokens=4, do_sample=False)
+    direct = generate(
+        tiny_model, tokenizer, [long[-12:]], SamplingSettings(max_new_tokens=4, do_sample=False)
+    )
     assert direct.response_ids[0].tolist() == out.response_ids[2, : direct.response_ids.shape[1]].tolist()
 
 
 def test_prompts_within_the_context_give_no_warning(tiny_model, tokenizer, prompts, caplog):
     caplog.set_level("WARNING")
-    out = generate(tiny_model, tokenizer, prompts, max_new_tokens=4, seed=0)
+    out = generate(tiny_model, tokenizer, prompts, SamplingSettings(max_new_tokens=4, seed=0))
     assert out.prompt_mask.sum(-1).tolist() == [len(p) for p in prompts]
     assert not caplog.records
 
@@ -370,3 +411,22 @@ def test_check_device_refuses_what_the_machine_lacks(monkeypatch, device, availa
     assert str(err.value).startswith(message)
     check_device("cpu")
     check_device(None)
+
+
+def test_the_generation_size_bound_says_how_many_samples_fit_and_that_many_do():
+    """1000 prompts x 1000 samples of up to 250 positions: 10^6 responses at 250 x 36 + 2300 bytes each is
+    11.3 GB, past the 4 GiB bound; 4 GiB / (1000 x 11300) = 380.09, so 380 samples fit and 381 do not."""
+    from prefalign.config import ConfigError
+    from prefalign.generation import check_generation_size
+
+    with pytest.raises(ConfigError) as err:
+        check_generation_size(1000, 1000, 50, 200)
+    assert str(err.value).startswith(
+        "num_samples: 1000 x 1000 prompts = 1000000 responses of up to 250 tokens would hold about 11 GiB"
+    )
+    assert "ask for at most 380 samples per prompt" in str(err.value)
+    check_generation_size(380, 1000, 50, 200)
+    with pytest.raises(ConfigError):
+        check_generation_size(381, 1000, 50, 200)
+    with pytest.raises(ConfigError, match="; split the prompts into several runs"):
+        check_generation_size(1, 10**6, 50, 200)  # not even one sample each fits

@@ -33,6 +33,29 @@ def nan(prompts, completions):
 def crash(prompts, completions):
     raise KeyError("score")
 
+def as_dict(prompts, completions):
+    return {i: 0.5 for i in range(len(completions))}
+
+def huge(prompts, completions):
+    return [10**400] * len(completions)
+
+def quits(prompts, completions):
+    import sys
+    sys.exit(3)
+
+def quits_quietly(prompts, completions):
+    import sys
+    sys.exit()
+
+def text(prompts, completions):
+    return "high!"
+
+def infinite(prompts, completions):
+    return [1.0, float("-inf")]
+
+def a_set(prompts, completions):
+    return {1.0, 2.0}
+
 value = 3
 """
 
@@ -67,6 +90,13 @@ def test_callable_reward_is_imported_by_name_and_called(user_rewards):
         ("not_numbers", "score 0 is 'high', not a number"),
         ("nan", "score 0 is nan, not finite"),
         ("crash", "raised KeyError"),
+        ("as_dict", "returned a dict, expected a list of 2 numbers"),
+        ("a_set", "returned a set, expected a list of 2 numbers"),
+        ("text", "returned a str, expected a list of 2 numbers"),
+        ("huge", "score 0 is an integer of 401 digits, too large for a float"),
+        ("quits", r"called sys.exit\(3\)"),
+        ("quits_quietly", r"called sys.exit\(\)"),
+        ("infinite", "score 1 is -inf, not finite"),
     ],
 )
 def test_a_broken_callable_names_itself_and_the_fault(user_rewards, function, message):
@@ -100,6 +130,8 @@ def test_exactly_one_source():
 def test_check_scores_accepts_tensors_and_ints_and_rejects_bools():
     assert check_scores("t", torch.tensor([1.0, 2.0]), 2) == [1.0, 2.0]
     assert check_scores("t", (1, 2), 2) == [1.0, 2.0]
+    assert check_scores("t", torch.tensor([[1.0], [2.0]]).numpy(), 2) == [1.0, 2.0]  # flattened like a tensor
+    assert check_scores("t", (float(len(c)) for c in ("a", "bb")), 2) == [1.0, 2.0]  # a generator is ordered
     with pytest.raises(RewardError, match="not a number"):
         check_scores("t", [True], 1)
     with pytest.raises(RewardError, match="not finite"):
@@ -125,3 +157,29 @@ def test_model_reward_scores_the_last_token_of_prompt_plus_completion(tiny_model
         with torch.no_grad():
             expected = sequence_scores(source.model, ids, torch.ones_like(ids))
         assert score == pytest.approx(float(expected[0]), abs=1e-5)
+
+
+def test_a_model_without_a_trained_head_is_refused_but_a_saved_reward_model_loads(tiny_model_dir, tmp_path):
+    """Only a checkpoint that holds the scalar head is a reward model: the causal LM it was made from is
+    refused (its head would be random), the same model saved as a sequence classifier is accepted."""
+    from prefalign.models import ModelError, load_reward_model, load_tokenizer
+
+    with pytest.raises(ModelError, match="no trained reward head"):
+        ModelReward(str(tiny_model_dir))
+    load_reward_model(str(tiny_model_dir))  # training one from a causal LM still starts a new head
+    rm = tmp_path / "rm"
+    load_reward_model(str(tiny_model_dir)).save_pretrained(rm)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(rm)
+    assert len(ModelReward(str(rm))(["a"], ["b"])) == 1
+
+
+def test_a_headless_checkpoint_is_refused_after_loading_when_its_files_cannot_be_read_first(
+    tiny_model_dir, monkeypatch
+):
+    """A hub id's files are not read before loading: then transformers' loading info (the head among the
+    missing keys) is what refuses it."""
+    from prefalign.models import ModelError, load_reward_model
+
+    monkeypatch.setattr("prefalign.models._checkpoint_shapes", lambda path: None)
+    with pytest.raises(ModelError, match="no trained reward head.*score.weight"):
+        load_reward_model(str(tiny_model_dir), trained_head=True)
