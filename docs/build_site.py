@@ -4,7 +4,8 @@
 
 Every page is generated from a source of truth, never copied by hand:
 
-* the home page is ``README.md`` and the benchmarks page ``BENCHMARKS.md``;
+* the home page is ``README.md``, the architecture page ``docs/architecture.md`` and the benchmarks page
+  ``BENCHMARKS.md``;
 * one page per command of ``prefalign.cli.COMMANDS``: its sub-commands and options come from the argument
   parser the CLI builds, and each option's type, default and meaning from the config dataclass behind it
   (``dataclasses.fields`` and ``prefalign.config.field_docs``). A command whose module has no config
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import re
 import shutil
 import sys
@@ -132,7 +132,7 @@ def command_page(name: str) -> str:
     """The Markdown page of ``prefalign <name>``, generated from its parser and config dataclasses."""
     from prefalign.cli import COMMANDS, build_parser
 
-    importlib.import_module(COMMANDS[name])
+    module = COMMANDS[name]()
     top = _subparsers(build_parser(name))[name]
     classes = _config_classes()
     out = [f"# prefalign {name}", ""]
@@ -141,7 +141,7 @@ def command_page(name: str) -> str:
     leaves = [
         (prog, parser, _match_config(parser, classes)) for prog, parser in _leaves(f"prefalign {name}", top)
     ]
-    note = f"Generated from `{COMMANDS[name]}`."
+    note = f"Generated from `{module.__name__}`."
     if any(cls is not None for _, _, cls in leaves):
         note += (
             " Options that come from a config dataclass can also be set in a YAML file passed as"
@@ -190,6 +190,7 @@ def _rewrite_links(text: str) -> str:
     """Repository-relative links in README/BENCHMARKS -> their pages on the site (or GitHub-free text)."""
     text = re.sub(r"\]\(BENCHMARKS\.md\)", "](benchmarks.md)", text)
     text = re.sub(r"\]\(docs/lecture/?\)", "](lecture/index.md)", text)
+    text = re.sub(r"\]\(docs/architecture\.md\)", "](architecture.md)", text)
     return text
 
 
@@ -263,6 +264,7 @@ def generate(work: Path, lecture_dir: Path) -> list[Any]:
     copy_mathjax(work)
     (work / "index.md").write_text(_rewrite_links((ROOT / "README.md").read_text()))
     (work / "benchmarks.md").write_text(_rewrite_links((ROOT / "BENCHMARKS.md").read_text()))
+    (work / "architecture.md").write_text((ROOT / "docs" / "architecture.md").read_text())
     (work / "commands").mkdir()
     command_nav = []
     for name in COMMANDS:
@@ -275,6 +277,7 @@ def generate(work: Path, lecture_dir: Path) -> list[Any]:
         api_nav.append({module: f"api/{module}.md"})
     return [
         {"Home": "index.md"},
+        {"Architecture": "architecture.md"},
         {"Lecture": lecture_pages(work, lecture_dir)},
         {"Commands": command_nav},
         {"Python API": api_nav},

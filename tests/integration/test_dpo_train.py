@@ -25,11 +25,6 @@ def model_dir(tiny_model_dir):
     return tiny_model_dir
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", synthetic_pairs(16, seed=0))
-
-
 def config(model_dir, pairs, out, **kw):
     base = dict(
         model=str(model_dir),

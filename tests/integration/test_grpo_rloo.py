@@ -15,55 +15,13 @@ from safetensors.torch import load_file
 from prefalign.train import grpo, online, rloo
 from prefalign.train.loop import read_metrics
 
-PREFIXES = [
-    "The movie",
-    "It was",
-    "A film about",
-    "I think",
-    "Honestly the",
-    "My friend said",
-    "The plot",
-    "Acting",
-]
-
-REWARDS = '''
-def share_of_e(prompts, completions):
-    """Ten times the share of the letter e in the response (learnable fast by a tiny random model)."""
-    return [10 * c.count("e") / max(1, len(c)) for c in completions]
-
-def length(prompts, completions):
-    return [float(len(c)) for c in completions]
-
-def flat_for_the(prompts, completions):
-    """1 for every response to a prompt starting with "The" (equal rewards in those groups), else the
-    response's position in the batch (all different)."""
-    return [1.0 if p.startswith("The") else float(i) for i, p in enumerate(prompts)]
-
-def wrong_count(prompts, completions):
-    return [0.0]
-'''
-
 COMMANDS = {"grpo": (grpo.GRPOConfig, grpo.train), "rloo": (rloo.RLOOConfig, rloo.train)}
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("grpo")
-    (folder / "group_rewards.py").write_text(REWARDS)
-    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PREFIXES * 4))
-    return folder
-
-
-@pytest.fixture
-def on_path(workdir, monkeypatch):
-    monkeypatch.syspath_prepend(str(workdir))
-    return workdir
 
 
 def config(command: str, workdir: Path, model: Path, output: str, **overrides):
     settings = dict(
         model=str(model), prompts=str(workdir / "prompts.jsonl"), output=str(workdir / output),
-        reward=["group_rewards:share_of_e"], raw=True, rollout_batch=4, num_generations=4,
+        reward=["synthetic_rewards:share_of_e"], raw=True, rollout_batch=4, num_generations=4,
         response_length=10, progress=False, lr=5e-3, seed=0,
     )  # fmt: skip
     return COMMANDS[command][0](**{**settings, **overrides})
@@ -106,23 +64,28 @@ def test_a_synthetic_reward_rises(on_path, tiny_model_dir, command):
     ]
     early, late = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     assert late > early + 1.0, (early, late)
-    assert summary["final"]["objective/kl"] > 0
+    kls = [r["objective/kl"] for r in read_metrics(on_path / f"rise-{command}") if "objective/kl" in r]
+    assert abs(kls[0]) < 1e-4, kls[0]  # iteration 1 samples from the reference itself: log-ratio 0
+    assert summary["final"]["objective/kl"] == kls[-1] > 0.1, kls
     assert (on_path / f"rise-{command}" / "model.safetensors").exists()
     assert (on_path / f"rise-{command}" / "config.json").exists()
 
 
-def test_groups_with_equal_rewards_are_counted(on_path, tiny_model_dir):
+def test_groups_with_equal_rewards_are_counted(on_path, tiny_model_dir, prefixes):
     """Prompts starting with "The" score 1 whatever the response: those groups have std 0 (advantages 0),
     and frac_reward_zero_std is their share of the iteration's groups."""
-    cfg = config("grpo", on_path, tiny_model_dir, "flat", iterations=2, reward=["group_rewards:flat_for_the"],
+    cfg = config("grpo", on_path, tiny_model_dir, "flat", iterations=2, reward=["synthetic_rewards:flat_for_the"],
                  rollout_batch=8)  # fmt: skip
     grpo.train(cfg)
-    rows = [r for r in read_metrics(on_path / "flat") if "frac_reward_zero_std" in r]
-    for it, row in enumerate(rows):
-        chosen = online.iteration_prompts(len(PREFIXES) * 4, 8, 0, it)
-        expected = sum((PREFIXES * 4)[i].startswith("The") for i in chosen) / 8
-        assert 0 < expected < 1
-        assert row["frac_reward_zero_std"] == pytest.approx(expected)
+    got = [r["frac_reward_zero_std"] for r in read_metrics(on_path / "flat") if "frac_reward_zero_std" in r]
+    expected = [
+        sum(
+            (prefixes * 4)[i].startswith("The") for i in online.iteration_prompts(len(prefixes) * 4, 8, 0, it)
+        )
+        / 8
+        for it in range(2)
+    ]
+    assert got == pytest.approx(expected)
 
 
 def test_several_weighted_sources_and_the_beta_alias(on_path, tiny_model_dir):
@@ -131,15 +94,15 @@ def test_several_weighted_sources_and_the_beta_alias(on_path, tiny_model_dir):
     out = on_path / "weighted"
     result = subprocess.run(
         [sys.executable, "-m", "prefalign", "rloo", "--model", str(tiny_model_dir), "--prompts",
-         str(on_path / "prompts.jsonl"), "--output", str(out), "--reward", "group_rewards:share_of_e",
-         "--reward", "group_rewards:length", "--reward-weights", "1,0.5", "--beta", "0.3", "--raw",
+         str(on_path / "prompts.jsonl"), "--output", str(out), "--reward", "synthetic_rewards:share_of_e",
+         "--reward", "synthetic_rewards:length", "--reward-weights", "1,0.5", "--beta", "0.3", "--raw",
          "--iterations", "1", "--rollout-batch", "2", "--num-generations", "2", "--response-length", "4",
          "--no-progress"],
         capture_output=True, text=True, cwd=on_path, env={"PYTHONPATH": str(on_path), "PATH": ""},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     (row,) = [r for r in read_metrics(out) if "reward_std" in r]
-    e, n = row["reward/group_rewards:share_of_e"], row["reward/group_rewards:length"]
+    e, n = row["reward/synthetic_rewards:share_of_e"], row["reward/synthetic_rewards:length"]
     assert n > 0
     assert row["objective/scores"] == pytest.approx(e + 0.5 * n)
     assert row["kl_coef"] == 0.3
@@ -171,7 +134,7 @@ def test_a_broken_reward_stops_the_cli_with_one_line_and_status_2(on_path, tiny_
     result = subprocess.run(
         [sys.executable, "-m", "prefalign", command, "--model", str(tiny_model_dir), "--prompts",
          str(on_path / "prompts.jsonl"), "--output", str(on_path / f"broken-{command}"), "--reward",
-         "group_rewards:wrong_count", "--raw", "--iterations", "1", "--rollout-batch", "2",
+         "synthetic_rewards:wrong_count", "--raw", "--iterations", "1", "--rollout-batch", "2",
          "--num-generations", "2", "--response-length", "4", "--no-progress"],
         capture_output=True, text=True, cwd=on_path, env={"PYTHONPATH": str(on_path), "PATH": ""},
     )  # fmt: skip
@@ -179,6 +142,6 @@ def test_a_broken_reward_stops_the_cli_with_one_line_and_status_2(on_path, tiny_
     last = result.stderr.strip().splitlines()[-1]
     assert (
         last
-        == f"prefalign {command}: error: reward group_rewards:wrong_count: returned 1 scores for 4 completions"
+        == f"prefalign {command}: error: reward synthetic_rewards:wrong_count: returned 1 scores for 4 completions"
     )
     assert "Traceback" not in result.stderr

@@ -13,14 +13,8 @@ import time
 import pytest
 
 from prefalign.cli import main
-from prefalign.testing import synthetic_pairs, write_jsonl
 from prefalign.train.dpo import DPOConfig, train
 from prefalign.train.loop import DivergenceError, checkpoint_folders, latest_checkpoint, read_metrics
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", synthetic_pairs(16, seed=0))
 
 
 def _strict_json(text: str):

@@ -3,7 +3,6 @@ penalty's pull, the adaptive controller, log-prob agreement, exact resume and re
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,48 +15,13 @@ from prefalign.train import online
 from prefalign.train.loop import read_metrics
 from prefalign.train.ppo import PPOConfig, rollout_for, run_iteration, setup, train
 
-PREFIXES = [
-    "The movie",
-    "It was",
-    "A film about",
-    "I think",
-    "Honestly the",
-    "My friend said",
-    "The plot",
-    "Acting",
-]
-
-REWARDS = '''
-def share_of_e(prompts, completions):
-    """Ten times the share of the letter e in the response: a reward a tiny random model can learn fast
-    (the scale keeps the signal above the KL penalty's noise at kl_coef 0.05)."""
-    return [10 * c.count("e") / max(1, len(c)) for c in completions]
-
-def wrong_count(prompts, completions):
-    return [0.0]
-'''
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("ppo")
-    (folder / "ppo_rewards.py").write_text(REWARDS)
-    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PREFIXES * 4))
-    return folder
-
-
-@pytest.fixture
-def on_path(workdir, monkeypatch):
-    monkeypatch.syspath_prepend(str(workdir))
-    return workdir
-
 
 def config(workdir: Path, model: Path, output: str, **overrides) -> PPOConfig:
     settings = dict(
         model=str(model),
         prompts=str(workdir / "prompts.jsonl"),
         output=str(workdir / output),
-        reward="ppo_rewards:share_of_e",
+        reward="synthetic_rewards:share_of_e",
         raw=True,
         rollout_batch=8,
         response_length=10,
@@ -123,7 +87,9 @@ def test_a_synthetic_reward_rises_while_kl_stays_bounded(on_path, tiny_model_dir
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
     early, late = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     assert late > early + 1.0, (early, late)
-    assert 0 < summary["final"]["objective/kl"] < 50
+    kls = [r["objective/kl"] for r in rows if "objective/kl" in r]
+    assert abs(kls[0]) < 1e-4, kls[0]  # iteration 1 samples from the reference itself: log-ratio 0
+    assert summary["final"]["objective/kl"] == kls[-1] > 1.0, kls
     assert (on_path / "rise" / "model.safetensors").exists()
     assert (on_path / "rise" / "value_head.safetensors").exists()
 
@@ -172,22 +138,32 @@ def test_resume_equals_an_uninterrupted_run(on_path, tiny_model_dir):
 
 
 def test_a_separate_value_model_trains_and_is_saved(on_path, tiny_model_dir):
-    summary = train(config(on_path, tiny_model_dir, "critic", iterations=2, shared_value_head=False))
-    assert summary["final"]["value/loss"] >= 0
-    assert (on_path / "critic" / "value_model" / "model.safetensors").exists()
+    """Without a reward model the critic starts as a copy of the policy's weights with a new scalar head;
+    two iterations of value updates move its trunk, and it is saved apart from the policy."""
+    train(config(on_path, tiny_model_dir, "critic", iterations=2, shared_value_head=False))
+    start = load_file(tiny_model_dir / "model.safetensors")
+    critic = load_file(on_path / "critic" / "value_model" / "model.safetensors")
+    policy = load_file(on_path / "critic" / "model.safetensors")
+    trunk = sorted(set(start) & set(critic))
+    assert len(trunk) >= len(start) - 1  # every weight of the policy but its vocabulary head
+    assert any(not torch.equal(start[k], critic[k]) for k in trunk)
+    assert any(not torch.equal(policy[k], critic[k]) for k in trunk)  # trained apart from the policy
 
 
 def test_a_broken_reward_stops_the_cli_with_one_line_and_status_2(on_path, tiny_model_dir):
     result = subprocess.run(
         [sys.executable, "-m", "prefalign", "ppo", "--model", str(tiny_model_dir), "--prompts",
          str(on_path / "prompts.jsonl"), "--output", str(on_path / "broken"), "--reward",
-         "ppo_rewards:wrong_count", "--raw", "--iterations", "1", "--rollout-batch", "4",
+         "synthetic_rewards:wrong_count", "--raw", "--iterations", "1", "--rollout-batch", "4",
          "--response-length", "4", "--no-progress", "--shared-value-head"],
         capture_output=True, text=True, cwd=on_path, env={"PYTHONPATH": str(on_path), "PATH": ""},
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last == "prefalign ppo: error: reward ppo_rewards:wrong_count: returned 1 scores for 4 completions"
+    assert (
+        last
+        == "prefalign ppo: error: reward synthetic_rewards:wrong_count: returned 1 scores for 4 completions"
+    )
     assert "Traceback" not in result.stderr
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from prefalign.cli import main
 from prefalign.losses import sequence_logps
@@ -77,7 +78,22 @@ def test_reward_model_learns_held_out_preferences(model_dir, tmp_path):
     assert summary["eval"]["val/rewards/accuracies"] > 0.9
     from transformers import AutoModelForSequenceClassification
 
-    AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    from prefalign.data import encode_preferences, load_preferences
+
+    # The saved folder is a plain transformers classifier: its trunk and scalar head, read at each
+    # sequence's last token, rank the held-out pairs exactly as the run's evaluation did.
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    right = []
+    with torch.no_grad():
+        for ex in encode_preferences(tiny_tokenizer(), load_preferences(eval_file), 64):
+            scores = [
+                saved.score(
+                    saved.model(input_ids=torch.tensor([ex["prompt_input_ids"] + ex[key]])).last_hidden_state
+                )[0, -1, 0]
+                for key in ("chosen_input_ids", "rejected_input_ids")
+            ]
+            right.append(float(scores[0] > scores[1]))
+    assert sum(right) / len(right) == pytest.approx(summary["eval"]["val/rewards/accuracies"])
 
 
 @pytest.mark.parametrize("command", ["sft", "reward"])
@@ -112,3 +128,6 @@ def test_cli_runs(model_dir, tmp_path, command):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and math.isfinite(summary["final"]["loss"])
+    settings = yaml.safe_load((out / "config.yaml").read_text())  # the flags reached the run
+    assert (settings["model"], settings["batch_size"], settings["max_length"]) == (str(model_dir), 4, 64)
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
