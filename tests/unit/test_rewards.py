@@ -180,6 +180,6 @@ def test_a_headless_checkpoint_is_refused_after_loading_when_its_files_cannot_be
     missing keys) is what refuses it."""
     from prefalign.models import ModelError, load_reward_model
 
-    monkeypatch.setattr("prefalign.models._checkpoint_shapes", lambda path: None)
+    monkeypatch.setattr("prefalign.models.loading._checkpoint_shapes", lambda path: None)
     with pytest.raises(ModelError, match="no trained reward head.*score.weight"):
         load_reward_model(str(tiny_model_dir), trained_head=True)

@@ -122,7 +122,7 @@ class DemoConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        from prefalign.generation import check_device
+        from prefalign.config import check_device
 
         check_device(self.device)  # before any model is loaded
 
