@@ -138,7 +138,12 @@ def test_the_import_graph_is_read():
     """The checks above see the imports that the layering is about (a parser that found nothing would pass
     them): the methods use losses and data, the generate command uses the model loader, the entry point uses cli."""
     pairs = {(component(s), component(d)) for _, _, s, d in edges(SRC)}
-    assert {("train", "losses"), ("train", "data"), ("generate_command", "models"), ("__main__", "cli")} <= pairs
+    assert {
+        ("train", "losses"),
+        ("train", "data"),
+        ("generate_command", "models"),
+        ("__main__", "cli"),
+    } <= pairs
     assert ("prefalign.train.rloo", "prefalign.train.grpo") in {(s, d) for _, _, s, d in edges(SRC)}
 
 

@@ -199,7 +199,9 @@ def test_trainable_weights_get_memory_of_their_own(model_dir):
 def test_policy_and_reward_loaders_copy_the_trainable_weights(model_dir, monkeypatch):
     calls = []
     real = models.own_trainable_memory
-    monkeypatch.setattr(models.loading, "own_trainable_memory", lambda m: calls.append(type(m).__name__) or real(m))
+    monkeypatch.setattr(
+        models.loading, "own_trainable_memory", lambda m: calls.append(type(m).__name__) or real(m)
+    )
     load_policy(str(model_dir))
     load_reward_model(str(model_dir))
     load_reference(str(model_dir))  # frozen: not copied
