@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +47,23 @@ class EvalResult:
     """One evaluation of one policy on the test prompts.
 
     Attributes:
-        records: one dict per prompt: ``prompt``, ``completion``, ``reward``, ``kl`` (the sequence KL
-            estimate), ``tokens`` (response length) and ``finished`` (ended with a stop token).
+        records: one dict per sample: ``prompt``, ``prompt_index`` (its position among the test prompts),
+            ``completion``, ``reward``, ``kl`` (the sequence KL estimate), ``tokens`` (response length)
+            and ``finished`` (ended with a stop token).
         reward: mean of the records' ``reward``.
         kl: mean of the records' ``kl``.
         seconds: wall time of the evaluation (sampling, reference pass, scoring).
+        reward_ci: 95% bootstrap interval ``[low, high]`` of ``reward`` (:func:`bootstrap_interval`,
+            resampling prompts with all their samples).
+        kl_ci: the same for ``kl``.
     """
 
     records: list[dict[str, Any]]
     reward: float
     kl: float
     seconds: float
+    reward_ci: list[float] = field(default_factory=lambda: [math.nan, math.nan])
+    kl_ci: list[float] = field(default_factory=lambda: [math.nan, math.nan])
 
     def write(self, path: str | Path) -> None:
         """Write the records as JSON lines (one per sample)."""
@@ -69,13 +75,64 @@ def mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else float("nan")
 
 
+BOOTSTRAP_RESAMPLES = 2000
+"""Resamples behind every interval the evaluation reports."""
+
+
+def bootstrap_interval(
+    values: Sequence[float],
+    groups: Sequence[Any] | None = None,
+    level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (Efron and Tibshirani 1993, ch. 13).
+
+    The resampled units are the groups: with several samples per prompt, a resample draws prompts with
+    replacement and keeps all the samples of each, so the interval reflects how the mean varies over
+    prompts as well as over samples. Each resample's mean weighs every sample the same (as the reported
+    mean does).
+
+    Args:
+        values: one number per sample.
+        groups: the group of each sample (e.g. its prompt's index); None: every sample is its own group.
+        level: coverage of the interval, in (0, 1).
+        resamples: bootstrap resamples drawn.
+        seed: the resampling's seed (the same data always gives the same interval).
+
+    Returns:
+        ``[low, high]``: the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled
+        means; ``[v, v]`` for a single group of value ``v``; NaNs for no values.
+    """
+    import numpy as np
+
+    if not values:
+        return [math.nan, math.nan]
+    x = np.asarray(values, dtype=np.float64)
+    keys = list(range(len(x))) if groups is None else list(groups)
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    g = np.array([index[k] for k in keys])
+    sums = np.bincount(g, weights=x, minlength=len(index))
+    counts = np.bincount(g, minlength=len(index)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(index), size=(resamples, len(index)))
+    means = sums[draws].sum(1) / counts[draws].sum(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [float(low), float(high)]
+
+
 def result_from_records(records: list[dict[str, Any]], seconds: float = 0.0) -> EvalResult:
-    """An :class:`EvalResult` whose means are those of ``records`` (how every reported number is made)."""
+    """An :class:`EvalResult` whose means and intervals are those of ``records`` (how every reported number
+    is made); samples are grouped by ``prompt_index`` (or by ``prompt`` in records without it)."""
+    groups = [r.get("prompt_index", r.get("prompt")) for r in records]
+    rewards, kls = [r["reward"] for r in records], [r["kl"] for r in records]
     return EvalResult(
         records,
-        mean([r["reward"] for r in records]),
-        mean([r["kl"] for r in records]),
+        mean(rewards),
+        mean(kls),
         seconds,
+        reward_ci=bootstrap_interval(rewards, groups),
+        kl_ci=bootstrap_interval(kls, groups),
     )
 
 
@@ -90,8 +147,9 @@ def evaluate_policy(
     batch_size: int = 64,
     raw: bool = True,
     progress: bool = False,
+    samples_per_prompt: int = 1,
 ) -> EvalResult:
-    """Sample one continuation of each prompt from ``policy`` and score reward and KL to ``reference``.
+    """Sample continuations of each prompt from ``policy`` and score reward and KL to ``reference``.
 
     Args:
         policy: the model to evaluate (its train/eval mode is restored afterwards).
@@ -104,12 +162,19 @@ def evaluate_policy(
         batch_size: prompts sampled (and scored under the reference) together.
         raw: encode prompts as plain text (no chat template).
         progress: show a progress bar over sampling batches.
+        samples_per_prompt: continuations sampled per prompt (``K``); the records hold ``K`` rows per
+            prompt, prompt by prompt, and the intervals resample prompts with their ``K`` samples.
 
     Returns:
-        An :class:`EvalResult`, records in the order of ``prompts``.
+        An :class:`EvalResult`, records in the order of ``prompts`` (``K`` consecutive rows each).
     """
     from prefalign.data import encode_prompt
     from prefalign.generation import SamplingSettings, generate, response_logprobs
+
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
+    prompts = [prompts[i] for i in index]
 
     start = time.perf_counter()
     ids = [encode_prompt(tokenizer, p, raw=raw) for p in prompts]
@@ -123,14 +188,22 @@ def evaluate_policy(
     records = [
         {
             "prompt": p,
+            "prompt_index": i,
             "completion": text,
             "reward": float(s),
             "kl": float(k),
             "tokens": int(n),
             "finished": bool(f),
         }
-        for p, text, s, k, n, f in zip(
-            prompts, out.texts, scores, kl.tolist(), tokens.tolist(), out.finished.cpu().tolist(), strict=True
+        for i, p, text, s, k, n, f in zip(
+            index,
+            prompts,
+            out.texts,
+            scores,
+            kl.tolist(),
+            tokens.tolist(),
+            out.finished.cpu().tolist(),
+            strict=True,
         )
     ]
     return result_from_records(records, time.perf_counter() - start)
@@ -159,12 +232,16 @@ def best_of_n(
     seed: int = 0,
     batch_size: int = 64,
     raw: bool = True,
+    samples_per_prompt: int = 1,
 ) -> EvalResult:
     """Best-of-n from the reference: ``n`` samples per prompt, keep the one ``selector`` scores highest.
 
     The KL of each record is the analytic :func:`best_of_n_kl` (best-of-n's own log-probabilities are not
-    tractable); ``reward`` is the ground truth of the kept sample.
+    tractable); ``reward`` is the ground truth of the kept sample. With ``samples_per_prompt`` K, each
+    prompt gets K kept samples (K x n drawn), as :func:`evaluate_policy` gives K samples per prompt.
     """
+    index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
+    prompts = [prompts[i] for i in index]
     from prefalign.data import encode_prompt
     from prefalign.generation import SamplingSettings, generate
 
@@ -178,7 +255,15 @@ def best_of_n(
     for i, p in enumerate(prompts):
         group = range(i * n, (i + 1) * n)
         j = max(group, key=lambda k: picks[k])
-        records.append({"prompt": p, "completion": out.texts[j], "selector": picks[j], "kl": best_of_n_kl(n)})
+        records.append(
+            {
+                "prompt": p,
+                "prompt_index": index[i],
+                "completion": out.texts[j],
+                "selector": picks[j],
+                "kl": best_of_n_kl(n),
+            }
+        )
     for r, s in zip(records, reward(list(prompts), [r["completion"] for r in records]), strict=True):
         r["reward"] = float(s)
     return result_from_records(records, time.perf_counter() - start)

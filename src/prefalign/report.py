@@ -45,16 +45,31 @@ def family(method: str) -> str:
     return method
 
 
+def interval(point: dict[str, Any], key: str = "reward") -> tuple[float, float]:
+    """The point's 95% interval of ``key`` (``reward`` or ``kl``); a point without one (a summary written
+    before intervals were recorded) counts as its value alone."""
+    ci = point.get(f"{key}_ci")
+    return (ci[0], ci[1]) if ci else (point[key], point[key])
+
+
 def dominated(point: dict[str, Any], by: Sequence[dict[str, Any]]) -> bool:
-    """True when some point of ``by`` has no more KL and at least as much reward as ``point``."""
+    """True when some point of ``by`` has no more KL and a reward interval wholly above ``point``'s: better
+    beyond the noise of both evaluations, not by a difference their intervals cannot tell apart."""
+    return any(q["kl"] <= point["kl"] and interval(q)[0] > interval(point)[1] for q in by)
+
+
+def matched(point: dict[str, Any], by: Sequence[dict[str, Any]]) -> bool:
+    """True when some point of ``by`` has no more KL and at least as much mean reward (noise ignored)."""
     return any(q["kl"] <= point["kl"] and q["reward"] >= point["reward"] for q in by)
 
 
 def frontier_sentence(points: Sequence[dict[str, Any]]) -> str:
-    """One sentence, computed from the (KL, reward) points, saying whether DPO's frontier dominates PPO's.
+    """One sentence, computed from the (KL, reward) points and their intervals, saying whether DPO's frontier
+    dominates PPO's.
 
-    DPO's frontier dominates PPO's when every PPO checkpoint (learned reward) is matched by some DPO
-    checkpoint with no more KL and at least as much reward; and the other way round.
+    A frontier dominates the other when every checkpoint of the other is beaten by one of its checkpoints
+    with no more KL and a 95% reward interval wholly above (:func:`dominated`). Where the means favour one
+    side but the intervals overlap, the sentence says the difference is within noise.
     """
     dpo = [p for p in points if family(p["method"]) == "dpo"]
     ppo = [p for p in points if family(p["method"]) == "ppo"]
@@ -63,25 +78,31 @@ def frontier_sentence(points: Sequence[dict[str, Any]]) -> str:
     best_d = max(dpo, key=lambda p: p["reward"])
     best_p = max(ppo, key=lambda p: p["reward"])
     detail = (
-        f"best DPO reward {best_d['reward']:.3f} at KL {best_d['kl']:.2f} vs best PPO reward "
-        f"{best_p['reward']:.3f} at KL {best_p['kl']:.2f}"
+        f"best DPO reward {_with_ci(best_d)} at KL {best_d['kl']:.2f} vs best PPO reward "
+        f"{_with_ci(best_p)} at KL {best_p['kl']:.2f}"
     )
     beaten = sum(dominated(p, dpo) for p in ppo)
     if beaten == len(ppo):
         return (
-            f"Here DPO's frontier dominates PPO's: each of the {len(ppo)} PPO checkpoints is matched by a DPO "
-            f"checkpoint with no more KL and at least as much reward ({detail})."
+            f"Here DPO's frontier dominates PPO's: each of the {len(ppo)} PPO checkpoints is beaten by a DPO "
+            f"checkpoint with no more KL and a reward interval wholly above its own ({detail})."
         )
     if all(dominated(p, ppo) for p in dpo):
         return (
-            f"Here DPO's frontier does not dominate PPO's; PPO's dominates DPO's instead: each of the "
-            f"{len(dpo)} DPO checkpoints is matched by a PPO checkpoint with no more KL and at least as much "
-            f"reward ({detail})."
+            f"Here PPO's frontier dominates DPO's: each of the {len(dpo)} DPO checkpoints is beaten by a PPO "
+            f"checkpoint with no more KL and a reward interval wholly above its own ({detail})."
         )
+    noisy = sum(matched(p, dpo) and not dominated(p, dpo) for p in ppo)
     return (
-        f"Here DPO's frontier does not dominate PPO's, nor the reverse: {beaten} of {len(ppo)} PPO checkpoints "
-        f"are matched by a DPO checkpoint with no more KL and at least as much reward ({detail})."
+        f"Here neither frontier dominates the other beyond noise: {beaten} of {len(ppo)} PPO checkpoints are "
+        f"beaten by a DPO checkpoint with no more KL and a reward interval wholly above; {noisy} more are "
+        f"matched in mean reward only, within the 95% intervals ({detail})."
     )
+
+
+def _with_ci(point: dict[str, Any]) -> str:
+    low, high = interval(point)
+    return f"{point['reward']:.3f} ±{(high - low) / 2:.3f}"
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:
@@ -137,8 +158,8 @@ def method_rows(summary: dict[str, Any]) -> list[list[str]]:
             [
                 m["method"],
                 m["checkpoint"],
-                f"{m['reward']:+.3f}",
-                f"{m['kl']:.2f}",
+                _plus_minus(m, "reward", "+.3f", ".3f"),
+                _plus_minus(m, "kl", ".2f", ".2f"),
                 train_s,
                 str(m["training_samples"]),
             ]
@@ -146,7 +167,23 @@ def method_rows(summary: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-TABLE_HEADER = ["method", "checkpoint", "mean reward", "mean KL", "train s", "training samples"]
+TABLE_HEADER = [
+    "method",
+    "checkpoint",
+    "mean reward (95% CI)",
+    "mean KL (95% CI)",
+    "train s",
+    "training samples",
+]
+
+
+def _plus_minus(row: dict[str, Any], key: str, fmt: str, half_fmt: str) -> str:
+    """``value ±half-width`` of the row's 95% interval (the interval need not be symmetric: its half
+    width is shown), or the value alone where none was recorded."""
+    if not row.get(f"{key}_ci"):
+        return format(row[key], fmt)
+    low, high = row[f"{key}_ci"]
+    return f"{format(row[key], fmt)} ±{format((high - low) / 2, half_fmt)}"
 
 
 def terminal_table(summary: dict[str, Any]) -> str:
@@ -198,21 +235,28 @@ def frontier_plot(points: Sequence[dict[str, Any]]) -> bytes:
         if method != "reference" and pts[0].get("step", 0) > 0:
             pts = start + pts  # training starts at the reference
         label = METHOD_LABELS.get(method, method)
+        xerr, yerr = _error_bars(pts, "kl"), _error_bars(pts, "reward")
         if method == "reference":
-            ax.scatter([p["kl"] for p in pts], [p["reward"] for p in pts], marker="*", s=160, color="black",
-                       label=label, zorder=3)  # fmt: skip
+            ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], xerr=xerr, yerr=yerr, fmt="*",
+                        markersize=13, color="black", capsize=3, label=label, zorder=3)  # fmt: skip
             continue
-        ax.plot(
-            [p["kl"] for p in pts], [p["reward"] for p in pts], marker="o", color=colours(i % 10), label=label
-        )
+        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], xerr=xerr, yerr=yerr, marker="o",
+                    color=colours(i % 10), capsize=3, label=label)  # fmt: skip
     ax.set_xlabel("sequence KL(pi || pi_ref), nats (mean over test prompts)")
     ax.set_ylabel("mean reward (VADER compound)")
-    ax.set_title("Reward vs KL along training (lines start at the reference)")
+    ax.set_title("Reward vs KL along training (95% bootstrap intervals; lines start at the reference)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     png = _figure_png(fig)
     plt.close(fig)
     return png
+
+
+def _error_bars(points: Sequence[dict[str, Any]], key: str) -> list[list[float]]:
+    """Matplotlib's ``[[below], [above]]`` distances from each point's value to its interval's ends."""
+    ends = [interval(p, key) for p in points]
+    return [[p[key] - lo for p, (lo, _) in zip(points, ends, strict=True)],
+            [hi - p[key] for p, (_, hi) in zip(points, ends, strict=True)]]  # fmt: skip
 
 
 CURVES = {
@@ -343,6 +387,14 @@ def _facts(summary: dict[str, Any]) -> list[str]:
         facts.append(
             f"Reward model held-out accuracy: {rm['heldout_accuracy']:.3f} on {rm['heldout_pairs']} pairs "
             f"of prompts it never saw (training accuracy of the last batch {rm['train_accuracy']:.3f})."
+        )
+    widths = [interval(p)[1] - interval(p)[0] for p in summary["points"] if p.get("reward_ci")]
+    if widths:
+        k = (summary.get("config") or {}).get("eval_samples", 1)
+        facts.append(
+            f"Every point is a mean over the test prompts ({k} sample{'s' if k != 1 else ''} each) with a 95% "
+            "bootstrap interval (2,000 resamples of the prompts, each with all its samples); reward "
+            f"intervals are ±{min(widths) / 2:.3f} to ±{max(widths) / 2:.3f} wide here."
         )
     if any(m["method"].startswith("best-of-") for m in summary["methods"]):
         facts.append(

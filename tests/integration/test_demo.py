@@ -132,6 +132,7 @@ def test_html_report_is_self_contained_with_decodable_embedded_pngs(smoke):
         "held-out accuracy",
         "Machine and versions",
         "preset: smoke",
+        "95% bootstrap interval (2,000 resamples of the prompts",
     ):
         assert needle in text, needle
 
@@ -141,12 +142,12 @@ def test_markdown_report_and_terminal_table_show_the_numbers(smoke):
     summary = _summary(run)
     md = (run / "report.md").read_text()
     for m in summary["methods"]:
-        row = f"| {m['method']} | {m['checkpoint']} | {m['reward']:+.3f} | {m['kl']:.2f} |"
-        assert row in md
+        r_half = (m["reward_ci"][1] - m["reward_ci"][0]) / 2
+        k_half = (m["kl_ci"][1] - m["kl_ci"][0]) / 2
+        reward, kl = f"{m['reward']:+.3f} ±{r_half:.3f}", f"{m['kl']:.2f} ±{k_half:.2f}"
+        assert f"| {m['method']} | {m['checkpoint']} | {reward} | {kl} |" in md
         assert re.search(
-            rf"^{re.escape(m['method'])}\s+{m['checkpoint']}\s+{re.escape(format(m['reward'], '+.3f'))}\s",
-            printed,
-            re.M,
+            rf"^{re.escape(m['method'])}\s+{m['checkpoint']}\s+{re.escape(reward)}\s", printed, re.M
         )
     for name in ("frontier", "dpo_curves", "ppo_curves"):
         assert f"(plots/{name}.png)" in md
@@ -154,23 +155,32 @@ def test_markdown_report_and_terminal_table_show_the_numbers(smoke):
 
 
 def test_conclusion_states_what_the_points_show(smoke):
-    """Worked out here from the points themselves: a PPO checkpoint is matched when some DPO checkpoint has
-    no more KL and at least as much reward; the sentence names the count and the best point of each."""
+    """Worked out here from the points themselves: a PPO checkpoint is beaten when some DPO checkpoint has
+    no more KL and a 95% reward interval wholly above its own; the sentence names the count and the best
+    point of each, with its interval's half width. Every point carries its intervals, around its mean."""
     summary = _summary(smoke[0])
+    for p in summary["points"]:
+        assert p["reward_ci"][0] <= p["reward"] <= p["reward_ci"][1], p
+        assert p["kl_ci"][0] <= p["kl"] <= p["kl_ci"][1], p
     dpo = [p for p in summary["points"] if p["method"] == "dpo"]
     ppo = [p for p in summary["points"] if p["method"] == "ppo"]
-    matched = sum(any(d["kl"] <= p["kl"] and d["reward"] >= p["reward"] for d in dpo) for p in ppo)
-    reverse = all(any(p["kl"] <= d["kl"] and p["reward"] >= d["reward"] for p in ppo) for d in dpo)
+
+    def beats(a, b):
+        return a["kl"] <= b["kl"] and a["reward_ci"][0] > b["reward_ci"][1]
+
+    beaten = sum(any(beats(d, p) for d in dpo) for p in ppo)
+    reverse = all(any(beats(p, d) for p in ppo) for d in dpo)
     text = summary["conclusion"]
     for name, points in (("DPO", dpo), ("PPO", ppo)):
         best = max(points, key=lambda p: p["reward"])
-        assert f"best {name} reward {best['reward']:.3f} at KL {best['kl']:.2f}" in text, text
-    if matched == len(ppo):
+        half = (best["reward_ci"][1] - best["reward_ci"][0]) / 2
+        assert f"best {name} reward {best['reward']:.3f} ±{half:.3f} at KL {best['kl']:.2f}" in text, text
+    if beaten == len(ppo):
         assert text.startswith(f"Here DPO's frontier dominates PPO's: each of the {len(ppo)} PPO checkpoints")
     elif reverse:
-        assert text.startswith("Here DPO's frontier does not dominate PPO's; PPO's dominates DPO's instead")
+        assert text.startswith(f"Here PPO's frontier dominates DPO's: each of the {len(dpo)} DPO checkpoints")
     else:
-        assert f"nor the reverse: {matched} of {len(ppo)} PPO checkpoints are matched" in text, text
+        assert f"beyond noise: {beaten} of {len(ppo)} PPO checkpoints are beaten" in text, text
     held_out = summary["reward_model"]  # a share of whole pairs
     assert held_out["heldout_pairs"] > 0
     correct = held_out["heldout_accuracy"] * held_out["heldout_pairs"]

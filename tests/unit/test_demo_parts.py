@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from prefalign.demo import PROMPTS_FILE, Phase, load_demo_prompts, preference_pairs, steps_between_evals
-from prefalign.evaluate import best_of_n_kl, evaluate_policy, result_from_records, sequence_kl
+from prefalign.evaluate import (
+    best_of_n_kl,
+    bootstrap_interval,
+    evaluate_policy,
+    result_from_records,
+    sequence_kl,
+)
 from prefalign.report import frontier_sentence
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,8 +109,46 @@ def test_result_means():
     assert (r.reward, r.kl) == (0.5, 3.0)
 
 
-def _pt(method, kl, reward):
-    return {"method": method, "kl": kl, "reward": reward}
+def test_bootstrap_interval_hand_examples():
+    """Two prompts scoring 0 and 1: a resample of 2 prompts has mean 0, 1/2 or 1 with probabilities
+    1/4, 1/2, 1/4, so its 2.5% and 97.5% quantiles are 0 and 1. A constant has a zero-width interval."""
+    assert bootstrap_interval([0.0, 1.0]) == [0.0, 1.0]
+    assert bootstrap_interval([0.3] * 5) == pytest.approx([0.3, 0.3])
+    assert all(math.isnan(x) for x in bootstrap_interval([]))
+
+
+def test_bootstrap_resamples_prompts_with_all_their_samples():
+    """Samples [0, 0, 0, 1]. As four independent units, a resample's mean is k/4 with k ~ Binomial(4, 1/4):
+    P(k >= 3) = 4 (1/4)^3 (3/4) + (1/4)^4 = 0.051 > 2.5% but P(k = 4) = 0.004 < 2.5%, so the 97.5% quantile
+    is 0.75. Grouped as prompt a = [0, 0, 0] and prompt b = [1], a resample of the 2 prompts draws (b, b)
+    with probability 1/4 (mean 1): the upper end is 1. The grouping comes from ``prompt_index``."""
+    values = [0.0, 0.0, 0.0, 1.0]
+    assert bootstrap_interval(values) == [0.0, 0.75]
+    assert bootstrap_interval(values, groups=["a", "a", "a", "b"]) == [0.0, 1.0]
+    records = [{"prompt_index": i, "reward": v, "kl": 1.0} for i, v in zip([0, 0, 0, 1], values, strict=True)]
+    result = result_from_records(records)
+    assert result.reward == 0.25 and result.reward_ci == [0.0, 1.0]
+    assert result.kl_ci == pytest.approx([1.0, 1.0])
+
+
+def test_several_samples_per_prompt_are_recorded_prompt_by_prompt(tokenizer, tiny_model):
+    """K = 3: three rows per prompt, in prompt order, with their prompt's index; the rows of a prompt
+    are different draws (the random stream advances), and the means are over all six samples."""
+    prompts = ["The film opens with", "I went into this movie"]
+    result = evaluate_policy(
+        tiny_model, tiny_model, tokenizer, prompts, lambda p, c: [float(len(x)) for x in c], max_new_tokens=8,
+        samples_per_prompt=3,
+    )  # fmt: skip
+    assert [r["prompt_index"] for r in result.records] == [0, 0, 0, 1, 1, 1]
+    assert [r["prompt"] for r in result.records] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert len({r["completion"] for r in result.records[:3]}) > 1
+    assert result.reward == pytest.approx(sum(len(r["completion"]) for r in result.records) / 6)
+    low, high = result.reward_ci
+    assert low <= result.reward <= high
+
+
+def _pt(method, kl, reward, half=0.01):
+    return {"method": method, "kl": kl, "reward": reward, "reward_ci": [reward - half, reward + half]}
 
 
 def test_frontier_sentence_says_which_way_it_falls():
@@ -112,13 +156,26 @@ def test_frontier_sentence_says_which_way_it_falls():
     ppo = [_pt("ppo", 2.0, 0.3), _pt("ppo", 4.0, 0.5)]
     assert frontier_sentence(dpo + ppo).startswith("Here DPO's frontier dominates PPO's")
     worse = [_pt("dpo", 2.0, 0.2), _pt("dpo", 5.0, 0.45)]
-    assert "PPO's dominates DPO's" in frontier_sentence(worse + ppo)
+    assert frontier_sentence(worse + ppo).startswith("Here PPO's frontier dominates DPO's")
     mixed = [_pt("dpo", 1.0, 0.4), _pt("dpo", 5.0, 0.45)]
-    assert "nor the reverse: 1 of 2 PPO" in frontier_sentence(mixed + ppo)
+    assert "beyond noise: 1 of 2 PPO checkpoints are beaten" in frontier_sentence(mixed + ppo)
     assert "not both run" in frontier_sentence(dpo)
     # beta-sweep runs count as DPO, target-KL runs as PPO; PPO-GT is neither
     sweep = [_pt("dpo-beta5", 0.5, 0.9), _pt("ppo-kl6", 1.0, 0.8), _pt("ppo-gt", 0.1, 1.0)]
     assert frontier_sentence(sweep).startswith("Here DPO's frontier dominates")
+
+
+def test_a_difference_inside_the_intervals_is_called_noise():
+    """DPO 0.45 ±0.1 at KL 1 against PPO 0.40 ±0.1 at KL 2: the means favour DPO, but the intervals
+    [0.35, 0.55] and [0.30, 0.50] overlap, so DPO does not dominate; the sentence counts it as matched
+    within the intervals. With half widths of 0.01 the same means separate and DPO dominates."""
+    text = frontier_sentence([_pt("dpo", 1.0, 0.45, half=0.1), _pt("ppo", 2.0, 0.40, half=0.1)])
+    assert text.startswith("Here neither frontier dominates the other beyond noise: 0 of 1 PPO")
+    assert "1 more are matched in mean reward only" in text
+    assert "best DPO reward 0.450 ±0.100 at KL 1.00" in text
+    assert frontier_sentence([_pt("dpo", 1.0, 0.45), _pt("ppo", 2.0, 0.40)]).startswith(
+        "Here DPO's frontier dominates PPO's"
+    )
 
 
 def test_phase_is_complete_only_with_the_same_inputs(tmp_path):

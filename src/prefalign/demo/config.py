@@ -13,7 +13,7 @@ from prefalign.config import ConfigError, build_config
 PROMPTS_FILE = Path(__file__).parent.parent / "assets" / "demo_prompts.jsonl"
 """The bundled movie-review openings: ``{"prompt", "split"}`` per line, split ``train`` or ``test``."""
 
-PHASE_VERSION = 2
+PHASE_VERSION = 3
 """Part of every phase's inputs: bump it when what a phase computes changes, so old results are redone."""
 
 METHODS = ("preferred-ft", "dpo", "ppo", "dpo-sweep", "ppo-gt", "ppo-kl-sweep", "best-of-n", "grpo", "rloo")
@@ -46,6 +46,9 @@ class DemoConfig:
     """Prompts sampled together when building preferences and evaluating."""
     test_prompts: int = 0
     """Test prompts each evaluation samples (0: the whole test split)."""
+    eval_samples: int = 1
+    """Samples per test prompt at every evaluation (the samples files then hold that many rows per prompt);
+    more samples narrow each point's 95% bootstrap interval."""
     evals_per_run: int = 3
     """Evaluations (reward, KL points) along each method's training, evenly spaced, the last at its end."""
     sft: bool = False
@@ -111,6 +114,7 @@ class DemoConfig:
             (not unknown, f"unknown method(s) {unknown}; known: {', '.join(METHODS)}"),
             (self.samples_per_prompt >= 2, f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}"),
             (self.evals_per_run >= 1, f"evals_per_run must be >= 1, got {self.evals_per_run}"),
+            (self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.heldout_prompts >= 1, f"heldout_prompts must be >= 1, got {self.heldout_prompts}"),
             (

@@ -22,6 +22,7 @@ def eval_settings(demo: Demo) -> dict[str, Any]:
         "max_new_tokens": c.max_new_tokens,
         "seed": c.seed,
         "sample_batch_size": c.sample_batch_size,
+        "eval_samples": c.eval_samples,
     }
 
 
@@ -29,8 +30,9 @@ def save_point(demo: Demo, method: str, checkpoint: str, result: Any, **extra: A
     """Write an evaluation's samples under ``samples/`` and return its point for the summary."""
     rel = f"samples/{method}-{checkpoint}.jsonl"
     result.write(demo.out / rel)
+    half = (result.reward_ci[1] - result.reward_ci[0]) / 2
     say(
-        f"  {method} {checkpoint}: reward {result.reward:+.3f}  KL {result.kl:.2f}"
+        f"  {method} {checkpoint}: reward {result.reward:+.3f} ±{half:.3f}  KL {result.kl:.2f}"
         f"  ({len(result.records)} samples, {result.seconds:.1f} s)"
     )
     return {
@@ -38,6 +40,8 @@ def save_point(demo: Demo, method: str, checkpoint: str, result: Any, **extra: A
         "checkpoint": checkpoint,
         "reward": result.reward,
         "kl": result.kl,
+        "reward_ci": result.reward_ci,
+        "kl_ci": result.kl_ci,
         "samples": rel,
         "eval_s": round(result.seconds, 2),
         **extra,
@@ -60,6 +64,7 @@ def evaluator(demo: Demo, method: str) -> tuple[Callable[[int, Any], None], list
             max_new_tokens=demo.config.max_new_tokens,
             seed=demo.config.seed + 1,
             batch_size=demo.config.sample_batch_size,
+            samples_per_prompt=demo.config.eval_samples,
         )
         points.append(save_point(demo, method, f"step-{step}", result, step=step))
 
@@ -81,6 +86,7 @@ def evaluate_reference(demo: Demo) -> None:
             seed=demo.config.seed + 1,
             batch_size=demo.config.sample_batch_size,
             progress=demo.config.progress,
+            samples_per_prompt=demo.config.eval_samples,
         )
         point = save_point(demo, "reference", "step-0", result, step=0)
         return {"points": [point], "eval_s": point["eval_s"], "training_samples": 0}

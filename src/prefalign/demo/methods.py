@@ -249,6 +249,7 @@ def best_of_n(demo: Demo, name: str, prefs: dict[str, Any], n: int) -> None:
             max_new_tokens=c.max_new_tokens,
             seed=c.seed + 3,
             batch_size=c.sample_batch_size,
+            samples_per_prompt=c.eval_samples,
         )
         point = save_point(demo, name, f"n-{n}", result, step=0)
         return {"points": [point], "eval_s": point["eval_s"], "training_samples": 0}

@@ -29,6 +29,8 @@ def summary(demo: Demo, wall: float) -> dict[str, Any]:
                 "checkpoint": last["checkpoint"],
                 "reward": last["reward"],
                 "kl": last["kl"],
+                "reward_ci": last.get("reward_ci"),
+                "kl_ci": last.get("kl_ci"),
                 "train_s": r.get("train_s", 0.0),
                 "eval_s": r.get("eval_s", 0.0),
                 "training_samples": r.get("training_samples", 0),
