@@ -388,6 +388,13 @@ def _facts(summary: dict[str, Any]) -> list[str]:
             f"Reward model held-out accuracy: {rm['heldout_accuracy']:.3f} on {rm['heldout_pairs']} pairs "
             f"of prompts it never saw (training accuracy of the last batch {rm['train_accuracy']:.3f})."
         )
+    for m in summary["methods"]:
+        if m.get("heldout_loss") is not None:
+            facts.append(
+                f"What {m['method']} learned of the preferences: held-out loss {m['heldout_loss']:.3f} "
+                f"(ln 2 = 0.693 before training) and implicit-reward accuracy {m['heldout_accuracy']:.3f} on "
+                "pairs of prompts it never trained on."
+            )
     widths = [interval(p)[1] - interval(p)[0] for p in summary["points"] if p.get("reward_ci")]
     if widths:
         k = (summary.get("config") or {}).get("eval_samples", 1)

@@ -312,3 +312,17 @@ def test_overwrite_of_a_demo_run_starts_it_afresh_and_a_rerun_keeps_it(smoke, tm
     with pytest.raises(_Stop):
         main(["demo", "--preset", "smoke", "--output", str(run), "--no-progress", "--overwrite"])
     assert seen == ["config.yaml", "notes.txt"]
+
+
+def test_what_dpo_learned_of_the_preferences_is_reported(smoke):
+    """DPO's held-out loss and implicit-reward accuracy come from its run's final evaluation on the held-out
+    pairs (the run folder's summary.json) and are stated in the report beside its reward."""
+    run = smoke[0]
+    summary = _summary(run)
+    (dpo,) = [m for m in summary["methods"] if m["method"] == "dpo"]
+    final_eval = json.loads((run / "runs" / "dpo" / "summary.json").read_text())["eval"]
+    assert dpo["heldout_loss"] == final_eval["val/loss"]
+    assert dpo["heldout_accuracy"] == final_eval["val/rewards/accuracies"]
+    assert not any("heldout_loss" in m for m in summary["methods"] if m["method"] == "ppo")
+    text = (run / "report.md").read_text()
+    assert f"What dpo learned of the preferences: held-out loss {dpo['heldout_loss']:.3f}" in text

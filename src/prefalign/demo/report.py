@@ -13,6 +13,14 @@ if TYPE_CHECKING:
     from prefalign.demo.run import Demo
 
 
+def heldout(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a preference-trained run learned of the held-out pairs: its loss there and how often its implicit
+    reward ranks the chosen completion first (empty for methods without held-out pairs)."""
+    if "val/loss" not in metrics:
+        return {}
+    return {"heldout_loss": metrics["val/loss"], "heldout_accuracy": metrics.get("val/rewards/accuracies")}
+
+
 def summary(demo: Demo, wall: float) -> dict[str, Any]:
     """The run's summary from the results of its phases; ``wall`` is the whole run's time in seconds."""
     from prefalign.report import environment, frontier_sentence
@@ -35,6 +43,7 @@ def summary(demo: Demo, wall: float) -> dict[str, Any]:
                 "eval_s": r.get("eval_s", 0.0),
                 "training_samples": r.get("training_samples", 0),
                 "run": f"runs/{name}",
+                **heldout(r.get("eval") or {}),
             }
         )
     return {
