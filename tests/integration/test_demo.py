@@ -326,3 +326,26 @@ def test_what_dpo_learned_of_the_preferences_is_reported(smoke):
     assert not any("heldout_loss" in m for m in summary["methods"] if m["method"] == "ppo")
     text = (run / "report.md").read_text()
     assert f"What dpo learned of the preferences: held-out loss {dpo['heldout_loss']:.3f}" in text
+
+
+def test_seeds_repeat_the_experiment_and_report_the_spread(tmp_path, capsys):
+    """--seeds 3,4: two complete runs in seed-3 and seed-4 whose preferences differ (another seed draws other
+    samples), and seeds.json holding each method's final point per seed with the mean and spread across
+    them, worked out here from the two runs' own summaries."""
+    out = tmp_path / "seeds"
+    assert main(["demo", "--preset", "smoke", "--seeds", "3,4", "--output", str(out), "--no-progress"]) == 0
+    runs = {s: _summary(out / f"seed-{s}") for s in (3, 4)}
+    assert runs[3]["config"]["seed"] == 3 and runs[4]["config"]["seed"] == 4
+    assert runs[3]["preferences"] != runs[4]["preferences"]
+    result = json.loads((out / "seeds.json").read_text())
+    assert result["seeds"] == [3, 4]
+    for m in runs[3]["methods"]:
+        rewards = [
+            next(x for x in runs[s]["methods"] if x["method"] == m["method"])["reward"] for s in (3, 4)
+        ]
+        entry = result["methods"][m["method"]]
+        assert [entry["per_seed"][str(s)]["reward"] for s in (3, 4)] == rewards
+        assert entry["reward"]["mean"] == pytest.approx(sum(rewards) / 2)
+        assert entry["reward"]["std"] == pytest.approx(abs(rewards[0] - rewards[1]) / 2**0.5)
+    printed = capsys.readouterr().out
+    assert "| dpo |" in printed and "reward mean ± sd" in printed

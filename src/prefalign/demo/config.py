@@ -38,6 +38,9 @@ class DemoConfig:
     and rloo (the last two against the learned reward model, with PPO's iterations and learning rate)."""
     seed: int = 0
     """Seed of prompt selection, sampling and training."""
+    seeds: list[int] = field(default_factory=list)
+    """Repeat the whole experiment with each of these seeds (preferences, training order, sampling), each in
+    OUTPUT/seed-N, then report the per-seed points and their spread (seeds.json, seeds.md); empty: one run."""
     device: str | None = None
     """Where models run (cpu, cuda); default: cuda if available, else cpu."""
     max_new_tokens: int = 32
@@ -115,6 +118,7 @@ class DemoConfig:
             (self.samples_per_prompt >= 2, f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}"),
             (self.evals_per_run >= 1, f"evals_per_run must be >= 1, got {self.evals_per_run}"),
             (self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}"),
+            (len(set(self.seeds)) == len(self.seeds), f"seeds must differ, got {self.seeds}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.heldout_prompts >= 1, f"heldout_prompts must be >= 1, got {self.heldout_prompts}"),
             (

@@ -26,6 +26,8 @@ DEMO_FILES = (
     "preferences",
     "tiny-model",
     "prompts-train.jsonl",
+    "seeds.json",
+    "seeds.md",
 )
 """What a demo run writes in its folder (``--overwrite`` of a demo run removes these, and only these)."""
 

@@ -126,7 +126,12 @@ class Demo:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Run (or complete) the experiment in ``config.output``; returns the summary."""
+    """Run (or complete) the experiment in ``config.output``; returns the summary (with ``--seeds``: the
+    across-seeds result of :func:`prefalign.demo.seeds.run_seeds`)."""
+    if config.seeds:
+        from prefalign.demo.seeds import run_seeds
+
+        return run_seeds(config, run_demo)
     if config.preset == "frontier":
         say(
             "The frontier preset trains "
@@ -145,6 +150,12 @@ def _run(args: argparse.Namespace) -> int:
 
     config = config_from_namespace(args)
     summary = run_demo(config)
+    if config.seeds:
+        print((Path(config.output) / "seeds.md").read_text())
+        print(
+            f"per seed: {Path(config.output)}/seed-N/report.html; across seeds: seeds.json", file=sys.stderr
+        )
+        return 0
     print(terminal_table(summary))
     print(f"report: {Path(config.output) / 'report.html'} (and report.md)", file=sys.stderr)
     return 0
