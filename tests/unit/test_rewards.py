@@ -109,7 +109,7 @@ def test_a_broken_callable_names_itself_and_the_fault(user_rewards, function, me
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("no_colon", "expected 'sentiment' or a callable"),
+        ("no_colon", "expected 'sentiment', 'accuracy', 'format' or a callable"),
         ("no_such_module_xyz:f", "cannot import module"),
         ("userrewards:missing", "has no attribute"),
         ("userrewards:value", "is not callable"),
