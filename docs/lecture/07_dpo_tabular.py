@@ -346,3 +346,44 @@ show(fig, "07_dpo_tabular")
 # fresh samples at every step, and its noise shrinks with its batch size and learning-rate schedule.
 # Without the KL term, RL ignores the reference and collapses, which is what the penalty in RLHF, and the
 # $\beta$ in DPO, are there to prevent.
+
+# %% [markdown]
+# ## 5. The DPO family, and two relatives without pairs or without a reference
+#
+# The derivation above fixes what DPO optimises; the variants change the loss applied to the same
+# log-ratios, or drop one of DPO's ingredients. With $h = \beta\,[(\log\pi - \log\pi_{\text{ref}})(y_w) -
+# (\log\pi - \log\pi_{\text{ref}})(y_l)]$, $p$ a length-averaged log-probability and $r = \log\pi(y\mid x) -
+# \log\pi_{\text{ref}}(y\mid x)$:
+#
+# | variant | loss of one example | data | reference | prefalign |
+# | --- | --- | --- | --- | --- |
+# | DPO (Rafailov et al. 2023) | $-\log\sigma(h)$ | pairs | yes | `dpo --loss-type sigmoid` |
+# | cDPO / robust DPO (Chowdhury et al. 2024) | label-smoothed / unbiased mix of $-\log\sigma(\pm h)$ | pairs | yes | `--loss-type cdpo`, `robust` |
+# | IPO (Azar et al. 2023) | $(h/\beta - 1/(2\beta))^2$ | pairs | yes | `--loss-type ipo` |
+# | hinge / SLiC (Zhao et al. 2023) | $\max(0, 1 - h)$ | pairs | yes | `--loss-type hinge` |
+# | SimPO (Meng et al. 2024) | $-\log\sigma(\beta (p_w - p_l) - \gamma)$ | pairs | no | `--loss-type simpo` |
+# | ORPO (Hong et al. 2024) | $-p_w - \beta\log\sigma\big(\log\tfrac{e^{p_w}}{1 - e^{p_w}} - \log\tfrac{e^{p_l}}{1 - e^{p_l}}\big)$ | pairs | no | `--loss-type orpo` |
+# | KTO (Ethayarajh et al. 2024) | $w_D(1 - \sigma(\beta(r - z_0)))$ if desirable, $w_U(1 - \sigma(\beta(z_0 - r)))$ if not | single labelled completions | yes | `kto` |
+#
+# KTO's reference point $z_0$ is the batch's mean log-ratio on mismatched prompt/completion pairs, an
+# estimate of $\mathrm{KL}(\pi\,\|\,\pi_{\text{ref}})$, clamped at 0 and held constant in the gradient. At the
+# start of training ($\pi = \pi_{\text{ref}}$) every log-ratio is 0, which pins each loss to a number a
+# test can check: DPO's is $\ln 2$, KTO's is $w/2$ for each example, and ORPO's depends only on the
+# policy's own probabilities, since it has no reference.
+
+# %%
+from prefalign.losses import kto_loss, orpo_loss  # noqa: E402
+
+zero, half = torch.zeros(4), torch.full((1,), math.log(0.5))
+start = {
+    "DPO": dpo_loss(zero, zero, zero, zero, beta=0.1).losses.mean().item(),
+    "KTO (w_D = 1, w_U = 1.5, two of each)": kto_loss(
+        zero, zero, torch.tensor([True, True, False, False]), 0.0, 0.1, 1.0, 1.5
+    ).item(),
+    "ORPO (p_w = p_l = ln 0.5)": orpo_loss(half, half, 0.1).losses.mean().item(),
+}
+for name, value in start.items():
+    print(f"{name:40s} first loss {value:.6f}")
+assert abs(start["DPO"] - math.log(2)) < 1e-6
+assert abs(start["KTO (w_D = 1, w_U = 1.5, two of each)"] - (2 * 0.5 + 2 * 0.75) / 4) < 1e-6
+assert abs(start["ORPO (p_w = p_l = ln 0.5)"] - (math.log(2) + 0.1 * math.log(2))) < 1e-6  # odds 1:1
