@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 from prefalign import __version__
 from prefalign.config import ConfigError, config_from_args
@@ -20,6 +21,7 @@ from prefalign.launch import (
     ERRORS_ENV,
     TRAINING_COMMANDS,
     add_launch_arguments,
+    launch_processes,
     relaunch,
     report_worker_error,
     wants_launch,
@@ -47,6 +49,12 @@ def _dpo() -> ModuleType:
     return dpo
 
 
+def _kto() -> ModuleType:
+    from prefalign.train import kto
+
+    return kto
+
+
 def _ppo() -> ModuleType:
     from prefalign.train import ppo
 
@@ -66,9 +74,15 @@ def _rloo() -> ModuleType:
 
 
 def _score() -> ModuleType:
-    from prefalign import rewards
+    from prefalign import score_command
 
-    return rewards
+    return score_command
+
+
+def _tasks() -> ModuleType:
+    from prefalign import tasks
+
+    return tasks
 
 
 def _generate() -> ModuleType:
@@ -99,10 +113,12 @@ COMMANDS: dict[str, Callable[[], ModuleType]] = {
     "sft": _sft,
     "reward": _reward,
     "dpo": _dpo,
+    "kto": _kto,
     "ppo": _ppo,
     "grpo": _grpo,
     "rloo": _rloo,
     "score": _score,
+    "tasks": _tasks,
     "generate": _generate,
     "models": _models,
     "rl": _rl,
@@ -120,6 +136,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from prefalign.train.loop import DivergenceError
 
     return (ConfigError, DataError, ModelError, RewardError, DivergenceError, FileNotFoundError)
+
+
+def check_before_launch(config: Any, args: argparse.Namespace) -> None:
+    """What the launching process checks before it starts any worker, so that a mistake is reported
+    once, by it: the options against the process count (an online rollout batch that does not split)
+    and the run folder (a run already there without --resume or --overwrite, a --resume with nothing to
+    resume or with changed settings)."""
+    from prefalign.train.run_folder import check_run_folder
+
+    n = launch_processes(args)
+    if n is not None:
+        config.check_processes(n)
+    check_run_folder(config)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -151,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         if args.command in TRAINING_COMMANDS and wants_launch(args):
-            config_from_args(args.config_class, args)  # refuse bad options once, before any process starts
+            config = config_from_args(args.config_class, args)  # bad options refused once, before any start
+            check_before_launch(config, args)
             return relaunch(argv, args)
         return int(args.func(args) or 0)
     except user_errors() as err:
@@ -162,6 +192,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _run_finished() as done:  # (--resume of a finished run: nothing to do, nothing touched)
+        print(f"prefalign {args.command}: {done}")
+        return 0
+
+
+def _run_finished() -> type[BaseException]:
+    """The exception a --resume of an already finished run stops with (imported only when needed)."""
+    if "prefalign.train.run_folder" not in sys.modules:
+        return _NeverRaised
+    from prefalign.train.run_folder import RunFinished
+
+    return RunFinished
+
+
+class _NeverRaised(Exception):
+    """Stands for :class:`~prefalign.train.run_folder.RunFinished` when no training module was imported."""
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Any
 
 from prefalign.config import ConfigError
 
-TRAINING_COMMANDS = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
+TRAINING_COMMANDS = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo")
 """Commands that run the training loop and so can run on several processes."""
 
 _OPTIONS = ("--num-processes", "--launch-config")
@@ -74,6 +74,23 @@ def wants_launch(args: argparse.Namespace) -> bool:
     if "LOCAL_RANK" in os.environ:
         return False
     return launch_config is not None or (n is not None and n > 1)
+
+
+def launch_processes(args: argparse.Namespace) -> int | None:
+    """How many processes the launch ``args`` ask for: ``--num-processes``, else the ``num_processes`` of
+    the ``--launch-config`` file; None when neither says."""
+    if getattr(args, "num_processes", None) is not None:
+        return args.num_processes
+    if getattr(args, "launch_config", None) is None:
+        return None
+    import yaml
+
+    try:
+        settings = yaml.safe_load(Path(args.launch_config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"launch_config: {args.launch_config}: cannot be read ({err})") from None
+    n = settings.get("num_processes") if isinstance(settings, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
 
 
 def strip_launch_options(argv: Sequence[str]) -> list[str]:

@@ -102,7 +102,7 @@ class SwiGLUDownFunction(torch.autograd.Function):
             h = silu * up
             grad_w = _weight_grad(weight, grad.reshape(-1, grad.shape[-1]), h.reshape(-1, h.shape[-1]))
             del h
-        grad_h = grad.matmul(weight)
+        grad_h = grad.matmul(weight.to(grad.dtype))  # (autocast: half-precision products, float32 weights)
         grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))
         return grad_gate, grad_h * silu, grad_w
 
@@ -128,11 +128,18 @@ def _in_place_target(weight: Tensor) -> Tensor | None:
 
 
 def _weight_grad(weight: Tensor, grad_out: Tensor, inputs: Tensor) -> Tensor | None:
-    """``grad_out^T @ inputs`` (2-D), added into ``weight.grad`` (returning ``None``) where allowed."""
+    """``grad_out^T @ inputs`` (2-D), added into ``weight.grad`` (returning ``None``) where allowed.
+
+    Under autocast (``--mixed-precision``) the product runs in the half precision of ``grad_out`` and is
+    added into the float32 gradient (a gradient returned instead is cast by autograd)."""
+    inputs = inputs.to(grad_out.dtype)  # (a no-op without autocast)
     into = _in_place_target(weight)
     if into is None:
         return grad_out.t().mm(inputs)
-    into.addmm_(grad_out.t(), inputs)
+    if into.dtype != grad_out.dtype:
+        into.add_(grad_out.t().mm(inputs).to(into.dtype))
+    else:
+        into.addmm_(grad_out.t(), inputs)
     return None
 
 
@@ -149,7 +156,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_x = grad.matmul(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(weight, grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]))

@@ -113,7 +113,7 @@ def test_several_weighted_sources_and_the_beta_alias(on_path, tiny_model_dir):
 def test_resume_equals_an_uninterrupted_run(on_path, tiny_model_dir, command):
     """4 iterations straight, against 2, a checkpoint, then --resume to 4: same weights and metric rows
     (two passes over two minibatches, so the sampler's old log-probs and the optimiser state matter)."""
-    common = dict(lr_schedule="constant", minibatches=2, ppo_epochs=2)
+    common = dict(lr_schedule="constant", minibatches=2, ppo_epochs=2, log_completions=1)
     train = COMMANDS[command][1]
     train(config(command, on_path, tiny_model_dir, f"whole-{command}", iterations=4, **common))
     train(config(command, on_path, tiny_model_dir, f"parts-{command}", iterations=2, save_every=2, **common))
@@ -127,6 +127,47 @@ def test_resume_equals_an_uninterrupted_run(on_path, tiny_model_dir, command):
     parts = [{k: r[k] for k in keep} for r in read_metrics(on_path / f"parts-{command}") if "reward_std" in r]
     assert len(whole) == 4
     assert parts == whole
+    logged = (on_path / f"whole-{command}" / "completions.jsonl").read_text()
+    assert (on_path / f"parts-{command}" / "completions.jsonl").read_text() == logged
+    assert [json.loads(line)["iteration"] for line in logged.splitlines()] == [
+        i for i in (1, 2, 3, 4) for _ in range(16)
+    ]
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_the_completions_log_holds_every_sample_of_the_logged_iterations(on_path, tiny_model_dir, command):
+    """--log-completions 2 over 3 iterations logs iterations 1 and 2 (the first, then every second), each
+    with all 4 x 4 samples. Per iteration the mean of the totals is metrics.jsonl's objective/scores;
+    each source's field is its score of the logged completion and the total their weighted sum; GRPO's
+    advantages are the group advantages of the logged rewards, RLOO's (leave-one-out) sum to 0 in a group."""
+    from prefalign.losses import group_advantages
+
+    name = f"logged-{command}"
+    COMMANDS[command][1](
+        config(command, on_path, tiny_model_dir, name, iterations=3, log_completions=2,
+               reward=["synthetic_rewards:share_of_e", "synthetic_rewards:length"], reward_weights=[1.0, 0.1])
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (on_path / name / "completions.jsonl").open()]
+    metrics = {r["step"]: r for r in read_metrics(on_path / name) if "objective/scores" in r}
+    assert sorted({r["iteration"] for r in rows}) == [1, 2]
+    for it in (1, 2):
+        mine = [r for r in rows if r["iteration"] == it]
+        assert len(mine) == 16
+        assert sum(r["reward"] for r in mine) / 16 == pytest.approx(metrics[it]["objective/scores"], rel=1e-6)
+        for r in mine:
+            text = r["completion"]
+            e = 10 * text.count("e") / max(1, len(text))
+            assert r["reward/synthetic_rewards:share_of_e"] == pytest.approx(e)
+            assert r["reward/synthetic_rewards:length"] == len(text)
+            assert r["reward"] == pytest.approx(e + 0.1 * len(text))
+        assert all(len({r["prompt"] for r in mine[g : g + 4]}) == 1 for g in range(0, 16, 4))
+        advantages = torch.tensor([r["advantage"] for r in mine])
+        if command == "grpo":
+            expected = group_advantages(torch.tensor([r["reward"] for r in mine]), 4, "group")
+            torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(advantages.view(4, 4).sum(-1), torch.zeros(4), atol=1e-4, rtol=0)
+        assert advantages.abs().sum() > 0
 
 
 @pytest.mark.parametrize("command", ["grpo", "rloo"])

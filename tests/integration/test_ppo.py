@@ -137,6 +137,34 @@ def test_resume_equals_an_uninterrupted_run(on_path, tiny_model_dir):
     assert parts == whole
 
 
+def test_the_completions_log_has_each_samples_rewards_kl_and_advantage(on_path, tiny_model_dir, caplog):
+    """--log-completions 1: both iterations logged with all 8 samples; the means of the logged totals and
+    sequence KLs are metrics.jsonl's objective/scores and objective/kl (0 at the first iteration, which
+    samples from the reference itself); the advantages are finite; the terminal shows a best and a worst."""
+    import json
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="prefalign.train.completions"):
+        train(config(on_path, tiny_model_dir, "logged", iterations=2, log_completions=1))
+    rows = [json.loads(line) for line in (on_path / "logged" / "completions.jsonl").open()]
+    metrics = {r["step"]: r for r in read_metrics(on_path / "logged") if "objective/scores" in r}
+    assert [r["iteration"] for r in rows] == [1] * 8 + [2] * 8
+    assert set(rows[0]) == {
+        "iteration", "prompt", "completion", "reward", "reward/synthetic_rewards:share_of_e", "advantage", "kl"
+    }  # fmt: skip
+    for it in (1, 2):
+        mine = [r for r in rows if r["iteration"] == it]
+        assert sum(r["reward"] for r in mine) / 8 == pytest.approx(metrics[it]["objective/scores"], rel=1e-6)
+        assert sum(r["kl"] for r in mine) / 8 == pytest.approx(
+            metrics[it]["objective/kl"], rel=1e-5, abs=1e-7
+        )
+        assert all(r["reward"] == r["reward/synthetic_rewards:share_of_e"] for r in mine)
+    assert all(abs(r["kl"]) < 1e-4 for r in rows[:8])
+    assert any(r["advantage"] != 0 for r in rows) and all(abs(r["advantage"]) < 100 for r in rows)
+    shown = [m for m in caplog.messages if m.startswith("iteration ")]
+    assert len(shown) == 4 and shown[0].startswith("iteration 1 best: reward ")
+
+
 def test_a_separate_value_model_trains_and_is_saved(on_path, tiny_model_dir):
     """Without a reward model the critic starts as a copy of the policy's weights with a new scalar head;
     two iterations of value updates move its trunk, and it is saved apart from the policy."""

@@ -39,3 +39,8 @@ def test_overwrite_on_two_processes_leaves_one_consistent_run(workdir, tiny_mode
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["iterations"] == 1 and saved["overwrite"] is True
     assert (out / "model.safetensors").is_file()
+    # both processes' samples of iteration 1, written once by the main one (the old run's are gone)
+    logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in logged] == [1] * 8
+    (scores,) = [r["objective/scores"] for r in read_metrics(out) if "objective/scores" in r]
+    assert abs(sum(r["reward"] for r in logged) / 8 - scores) < 1e-6

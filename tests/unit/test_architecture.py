@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "models": 1,
     "launch": 1,
     "rl": 1,
+    "tasks": 1,
     # what runs a model over data: packed forward passes, sampling
     "packing": 2,
     "generation": 2,
@@ -36,6 +37,7 @@ LAYERS: dict[str, int] = {
     "rewards": 3,
     "evaluate": 3,
     "generate_command": 3,
+    "score_command": 4,
     "report": 4,
     "train": 5,
     "demo": 6,

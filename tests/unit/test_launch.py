@@ -146,3 +146,40 @@ def test_accelerate_configs_are_what_accelerate_launch_accepts(name, monkeypatch
             assert plugin.fsdp_version == level
             assert plugin.state_dict_type.name == "FULL_STATE_DICT"  # the final model is one full state dict
             assert plugin.auto_wrap_policy is not None
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_a_rollout_batch_that_does_not_split_is_refused_before_any_worker_starts(
+    tmp_path, capsys, monkeypatch, how
+):
+    """grpo --rollout-batch 3 on 2 processes: each worker found it (printed twice, ChildFailedError);
+    now the launching command refuses it once, whether the count is a flag or the launch config's."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr("prefalign.launch.subprocess.Popen", _no_launch)
+    launch_config = tmp_path / "ddp.yaml"
+    launch_config.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\n")
+    processes = ["--num-processes", "2"] if how == "flag" else ["--launch-config", str(launch_config)]
+    base = [
+        "grpo",
+        "--model",
+        "m",
+        "--prompts",
+        "p",
+        "--reward",
+        "sentiment",
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main([*base, "--rollout-batch", "3", *processes]) == 2
+    err = capsys.readouterr().err
+    assert "rollout_batch 3 must divide over 2 processes" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_holding_a_run_is_refused_before_any_worker_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr("prefalign.launch.subprocess.Popen", _no_launch)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.jsonl").write_text("")
+    base = ["dpo", "--model", "m", "--data", "d", "--output", str(tmp_path / "o"), "--num-processes", "2"]
+    assert main(base) == 2
+    assert "already holds a run" in capsys.readouterr().err

@@ -5,6 +5,7 @@ that came after the model load would report the model instead)."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 
@@ -226,3 +227,42 @@ def test_shared_options_have_one_help_text_in_every_command():
     offline, online = field_docs(DPOConfig), field_docs(PPOConfig)
     for name in ("keep_checkpoints", "resume", "overwrite", "report_to", "lora_r", "max_grad_norm"):
         assert offline[name] == online[name], name
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "message"),
+    [
+        ("ppo", {"kl_coef": math.inf}, "kl_coef must be finite, got inf"),
+        ("ppo", {"vf_coef": math.inf}, "vf_coef must be finite, got inf"),
+        ("ppo", {"missing_eos_penalty": math.nan}, "missing_eos_penalty must be finite, got nan"),
+        ("ppo", {"weight_decay": math.inf}, "weight_decay must be"),
+        ("grpo", {"kl_coef": math.inf}, "kl_coef must be finite, got inf"),
+        ("grpo", {"missing_eos_penalty": math.nan}, "missing_eos_penalty must be finite, got nan"),
+        ("grpo", {"reward_weights": [math.nan]}, "reward_weights must be finite, got nan"),
+        ("rloo", {"kl_coef": math.inf}, "kl_coef must be finite, got inf"),
+        ("rloo", {"epsilon_high": math.inf}, "epsilon_high must be finite, got inf"),
+        ("dpo", {"beta": math.inf}, "beta must be finite, got inf"),
+        ("dpo", {"rpo_alpha": math.nan}, "rpo_alpha must be finite, got nan"),
+        ("dpo", {"simpo_gamma": math.nan}, "simpo_gamma must be finite, got nan"),
+    ],
+)  # fmt: skip
+def test_every_float_option_of_every_command_must_be_finite(tmp_path, command, options, message):
+    """inf and nan used to pass (kl_coef >= 0 holds for inf; no rule at all for missing_eos_penalty,
+    simpo_gamma or reward weights) and only showed up as a model of NaNs: now one rule in the shared
+    base refuses a non-finite value of any float option, naming it."""
+    from prefalign.config import ConfigError
+
+    make = _configs()[command]
+    with pytest.raises(ConfigError) as err:
+        make(output=str(tmp_path / "out"), **options)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["ppo", "grpo", "rloo"])
+def test_a_non_finite_option_is_refused_on_the_command_line_before_loading(capsys, tmp_path, command):
+    out = tmp_path / "out"
+    code = main([command, "--model", str(tmp_path / "no-model"), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--reward", "sentiment", "--output", str(out), "--kl-coef", "inf"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "kl_coef must be finite, got inf" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

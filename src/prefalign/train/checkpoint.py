@@ -310,11 +310,14 @@ def save_final_model(
     ``same_as``: a checkpoint folder written from these very weights (the run's last step); its model
     files are hard-linked instead of written again (copied where the file system has no hard links).
     """
+    # An earlier model's files are unlinked, never written over: one may be a hard link to a checkpoint's
+    # weights, which writing it in place would change too (and its shards must not mix with these).
+    stale = [p for p in output.iterdir() if MODEL_FILES.fullmatch(p.name)] if output.is_dir() else []
     if same_as is not None and state_dict is None and not hasattr(model, "peft_config"):
         linked = [p for p in sorted(same_as.iterdir()) if MODEL_FILES.fullmatch(p.name)]
         if any(p.name.endswith(".safetensors") for p in linked):
-            for stale in [p for p in output.iterdir() if MODEL_FILES.fullmatch(p.name)]:
-                stale.unlink()  # (an earlier model's shards must not mix with these weights)
+            for path in stale:
+                path.unlink()
             for src in linked:
                 dst = output / src.name
                 try:
@@ -324,6 +327,8 @@ def save_final_model(
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(output))
             return
+    for path in stale:
+        path.unlink()
     if hasattr(model, "peft_config"):
         model.save_pretrained(str(output / "adapter"), safe_serialization=True, state_dict=state_dict)
         model, state_dict = model.merge_and_unload(), None

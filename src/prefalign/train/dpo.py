@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefalign.config import ConfigError, add_config_arguments, config_from_args
-from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, dpo_loss
+from prefalign.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, check_dpo_args, dpo_loss, orpo_loss
 from prefalign.train.loop import (
     TrainConfig,
     check_run_folder,
@@ -52,7 +52,8 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1
     """Strength of the implicit KL penalty toward the reference model."""
     loss_type: str = "sigmoid"
-    """One of sigmoid (DPO), cdpo, robust, ipo, hinge, simpo (the names in prefalign.losses.DPO_LOSSES)."""
+    """One of sigmoid (DPO), cdpo, robust, ipo, hinge, simpo (prefalign.losses.DPO_LOSSES), or orpo
+    (Hong et al. 2024: chosen NLL + beta x log-odds-ratio term, no reference model)."""
     label_smoothing: float = 0.0
     """Assumed rate of flipped preference labels, in [0, 0.5) (cdpo and robust)."""
     simpo_gamma: float = 0.5
@@ -75,19 +76,30 @@ class DPOConfig(TrainConfig):
         super().__post_init__()
         if self.rpo_alpha < 0:
             raise ConfigError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.loss_type == ORPO:
+            if self.rpo_alpha:
+                raise ConfigError("rpo_alpha: orpo's loss already holds the chosen completion's NLL")
+            if self.ref_model:
+                raise ConfigError("ref_model: orpo uses no reference model")
         try:
-            check_dpo_args(self.loss_type, self.beta, self.label_smoothing)
+            loss_type = "sigmoid" if self.loss_type == ORPO else self.loss_type  # (orpo: only beta to check)
+            check_dpo_args(loss_type, self.beta, self.label_smoothing)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
     @property
     def needs_reference(self) -> bool:
-        return not (self.reference_free or self.loss_type in REFERENCE_FREE_LOSSES)
+        return not (self.reference_free or self.loss_type in REFERENCE_FREE_LOSSES or self.loss_type == ORPO)
 
     @property
     def average_logps(self) -> bool:
-        """SimPO scores completions by their length-averaged log-probability."""
-        return self.loss_type == "simpo"
+        """SimPO and ORPO score completions by their length-averaged log-probability."""
+        return self.loss_type in ("simpo", ORPO)
+
+
+ORPO = "orpo"
+"""ORPO (Hong et al. 2024) is a ``--loss-type`` of its own: not a function of the log-ratio difference
+(``DPO_LOSSES``) but :func:`prefalign.losses.orpo_loss` of the chosen and rejected log-probs."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +216,8 @@ class DPOObjective:
         ref = self.reference_logps(examples)
         ref = None if ref is None else ref.to(policy.device)
         c = self.config
+        if c.loss_type == ORPO:
+            return self.orpo(policy)
         out = dpo_loss(
             policy[0::2],
             policy[1::2],
@@ -232,6 +246,21 @@ class DPOObjective:
             losses = losses + c.rpo_alpha * -per_token
             metrics["nll/chosen"] = -per_token.detach().sum()
         return losses.sum(), metrics
+
+    def orpo(self, policy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """ORPO's summed loss and metric sums from ``[2B]`` length-averaged log-probs (chosen, rejected)."""
+        chosen, rejected = policy[0::2], policy[1::2]
+        out = orpo_loss(chosen, rejected, beta=self.config.beta)
+        margins = out.chosen_rewards - out.rejected_rewards
+        return out.losses.sum(), {
+            "rewards/chosen": out.chosen_rewards.sum(),
+            "rewards/rejected": out.rejected_rewards.sum(),
+            "rewards/margins": margins.sum(),
+            "rewards/accuracies": (margins > 0).float().sum(),
+            "logps/chosen": chosen.detach().sum(),
+            "logps/rejected": rejected.detach().sum(),
+            "nll/chosen": -chosen.detach().sum(),
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +392,7 @@ def add_commands(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "dpo",
         help="Direct Preference Optimisation on preference pairs.",
-        description=DPOConfig.__doc__ + f" Loss types: {', '.join(DPO_LOSSES)}.",
+        description=DPOConfig.__doc__ + f" Loss types: {', '.join([*DPO_LOSSES, ORPO])}.",
     )
     add_config_arguments(parser, DPOConfig)
     parser.set_defaults(func=_run)

@@ -28,7 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class DivergenceError(RuntimeError):
-    """A step's loss or gradient is not finite; the message names the step."""
+    """A step's loss or gradient is not finite; the message names the step. ``partial``: the failing
+    step had already changed the weights (an online iteration whose earlier minibatches were applied),
+    so its state is not a good one to save."""
+
+    def __init__(self, message: str, partial: bool = False) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class Interrupt:
@@ -110,11 +116,19 @@ def train_steps(run: StepRun) -> tuple[dict[str, float], dict[str, float]]:
     returns the last step's metrics (empty if none ran) and the final evaluation.
 
     Raises:
-        DivergenceError: a step is not finite; the last good state is saved first.
+        DivergenceError: a step is not finite; the last good state is saved first (not when the step had
+            already changed the weights: ``partial``, an online iteration's later minibatch).
         KeyboardInterrupt: after Ctrl-C, once a checkpoint of the last finished step is saved.
     """
+    from prefalign.packing import recompute_activations
+    from prefalign.train.precision import autocast
+
     model, in_place = run.lean_target()
-    with lean_layers(model, in_place):
+    with (
+        lean_layers(model, in_place),
+        recompute_activations(model, run.config.gradient_checkpointing),
+        autocast(run.config.mixed_precision, run.accelerator.device),
+    ):
         with run.interrupt:  # (Ctrl-C during the steps: stop after the current one)
             run.begin()
             last = _loop(run)
@@ -146,10 +160,15 @@ def _loop(run: StepRun) -> dict[str, float]:
         try:
             metrics = run.advance()
         except DivergenceError as err:
-            save_unless_saved(run)
+            if not err.partial:
+                save_unless_saved(run)
+            kept = (
+                f"The last good state is checkpoints/step-{run.saved_step} in {config.output}"
+                if run.saved_step >= 0
+                else f"No good state was saved in {config.output} (the step had already changed the weights)"
+            )
             raise DivergenceError(
-                f"{err}; stopped. The last good state is checkpoints/step-{state['step']} in "
-                f"{config.output}: lower --lr, or resume with --skip-nonfinite to skip such steps"
+                f"{err}; stopped. {kept}: lower --lr, or resume with --skip-nonfinite to skip such steps"
             ) from None
         state["step"] += 1
         interrupted = _stop_requested(run, metrics)

@@ -41,7 +41,9 @@ class GroupConfig(online.OnlineConfig):
     """Options of the critic-free methods that compare several samples of one prompt (GRPO, RLOO)."""
 
     reward: list[str] = field(default_factory=list)
-    """Reward source(s): sentiment (VADER) or a callable module:function; repeat the flag for several."""
+    """Reward source(s): sentiment (VADER), accuracy (against the prompts' "answer" column), format
+    (--format-pattern) or a callable module:function, called as fn(prompts, completions, **columns);
+    repeat the flag for several."""
     reward_weights: list[float] = field(default_factory=list)
     """Weights of the reward sources (comma separated; --reward ones in order, then --reward-model); default 1 each."""
     num_generations: int = 4
@@ -57,7 +59,8 @@ class GroupConfig(online.OnlineConfig):
         n = len(self.reward) + (self.reward_model is not None)
         if n == 0:
             return (
-                "give a reward source: --reward sentiment|module:function (repeatable) or --reward-model PATH"
+                "give a reward source: --reward sentiment|accuracy|format|module:function (repeatable) or "
+                "--reward-model PATH"
             )
         if self.reward_weights and len(self.reward_weights) != n:
             return f"--reward-weights has {len(self.reward_weights)} values for {n} reward sources"
@@ -225,7 +228,15 @@ def setup(
     from prefalign.rewards import make_rewards
 
     acc, tokenizer, prompts, held, ckpt = online.prepare(config, tokenizer)
-    source = make_rewards(config.reward, config.reward_model, config.reward_weights, acc.device, config.raw)
+    source = make_rewards(
+        config.reward,
+        config.reward_model,
+        config.reward_weights,
+        acc.device,
+        config.raw,
+        config.format_pattern,
+    )
+    online.check_reward_data(source, config, prompts, held)  # before any model loads or samples
     source = online.check_vocabulary(source, tokenizer)
     module = online.PolicyLogits(online.load_policy(config, model)).to(acc.device)
     reference = online.load_reference(config, acc.device)

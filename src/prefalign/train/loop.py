@@ -44,8 +44,10 @@ from prefalign.train.checkpoint import (
     save_run_model,
 )
 from prefalign.train.driver import DivergenceError, Interrupt, train_steps
+from prefalign.train.model_card import write_model_card
 from prefalign.train.optim import clip_gradients, contiguous_gradients, make_optimizer, make_scheduler
 from prefalign.train.options import OPTIMIZERS, SCHEDULES, SINKS, TrainConfig
+from prefalign.train.precision import LossScaler
 from prefalign.train.processes import (
     distributed_type,
     make_accelerator,
@@ -87,6 +89,7 @@ __all__ = [  # the names this module has always offered, wherever they live now
     "make_scheduler",
     "micro_batches",
     "prune_checkpoints",
+    "read_data",
     "read_metrics",
     "report_done",
     "run_examples",
@@ -120,6 +123,16 @@ class Objective(Protocol):
 
     # Optional: ``prepare(examples)`` is called once per batch before its micro-batches, for work that
     # needs no gradient and is cheaper in one large pass (DPO's reference log-probs).
+    # ``prepare_step(share)`` is called once per optimiser step on every process with its share of the
+    # step (possibly empty), so it may join collective calls (KTO's reference point, summed over processes).
+    # ``finish_metrics(means)`` turns the step's (or the held-out set's) per-example means into the logged
+    # metrics (KTO's means over desirable or undesirable examples only).
+
+
+def finish_metrics(objective: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """``objective.finish_metrics(metrics)`` where the objective has it, else ``metrics`` as they are."""
+    finish = getattr(objective, "finish_metrics", None)
+    return finish(metrics) if finish is not None else metrics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,13 +172,30 @@ def micro_batches(examples: Sequence[dict[str, Any]], cost: Any, budget: int) ->
 def split_rows(
     rows: list[Any], eval_rows: list[Any], fraction: float, seed: int
 ) -> tuple[list[Any], list[Any]]:
-    """Hold out ``fraction`` of ``rows`` (shuffled by ``seed``) unless an eval set was given."""
+    """Hold out ``fraction`` of ``rows`` (shuffled by ``seed``) unless an eval set was given.
+
+    Raises:
+        ConfigError: the held-out share would leave no row to train on (both counts named).
+    """
     if eval_rows or fraction <= 0:
         return rows, eval_rows
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(round(fraction * len(rows))))
+    if n_eval >= len(rows):
+        raise ConfigError(
+            f"--eval-split {fraction} holds out {n_eval} of the {len(rows)} training rows, leaving 0 to train "
+            "on: lower --eval-split or give a held-out set of its own (--eval-data, --eval-prompts)"
+        )
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def read_data(config: TrainConfig, loader: Callable[..., list[Any]]) -> tuple[list[Any], list[Any]]:
+    """The training and held-out rows that ``loader`` (a ``prefalign.data.load_*``) reads from the
+    sources the config names (``--data``/``--eval-data``, their splits and subset, ``--columns``),
+    with ``--eval-split`` held out when no held-out set is given."""
+    train, held = config.data_sources()
+    return split_rows(loader(**train), loader(**held) if held else [], config.eval_split, config.seed)
 
 
 def load_pairs(config: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -173,12 +203,7 @@ def load_pairs(config: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
     ``index`` in its set."""
     from prefalign.data import encode_preferences, load_preferences, location
 
-    rows, held = split_rows(
-        load_preferences(config.data),
-        load_preferences(config.eval_data) if config.eval_data else [],
-        config.eval_split,
-        config.seed,
-    )
+    rows, held = read_data(config, load_preferences)
     if not rows:
         raise ConfigError(f"{config.data}: no training pairs left")
     sets = [
@@ -186,10 +211,32 @@ def load_pairs(config: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
         for r in (rows, held)
     ]
     for examples, source in zip(sets, (rows, held), strict=True):
-        for i, (ex, row) in enumerate(zip(examples, source, strict=True)):
-            ex["index"] = i
+        for ex, row in zip(examples, source, strict=True):
             ex["where"] = location(row)
+    sets[0] = distinct_pairs(sets[0], config)
+    for examples in sets:
+        for i, ex in enumerate(examples):
+            ex["index"] = i
     return sets[0], sets[1]
+
+
+def distinct_pairs(examples: list[dict[str, Any]], config: TrainConfig) -> list[dict[str, Any]]:
+    """The encoded pairs whose chosen and rejected tokens still differ (after the cut to --max-length):
+    an identical pair teaches nothing. Those dropped are counted in a warning; none left is an error."""
+    kept = [ex for ex in examples if ex["chosen_input_ids"] != ex["rejected_input_ids"]]
+    dropped = len(examples) - len(kept)
+    if not kept:
+        raise ConfigError(
+            f"{config.data}: chosen and rejected are identical in all {len(examples)} training pairs once cut "
+            f"to max_length={config.max_length} (max_prompt_length={config.max_prompt_length}): nothing to "
+            "train on; raise --max-length or lower --max-prompt-length"
+        )
+    if dropped:
+        log.warning(
+            "dropped %d of %d pairs whose chosen and rejected are identical once cut to max_length=%d",
+            dropped, len(examples), config.max_length,
+        )  # fmt: skip
+    return kept
 
 
 def total_steps(config: TrainConfig, n_examples: int, processes: int = 1) -> int:
@@ -252,7 +299,8 @@ def held_out_metrics(
     with torch.no_grad():
         sums, _ = run_examples(objective, examples, config.micro_batch_tokens, None)
     objective.model.train(was_training)
-    return {prefix + k: v for k, v in reduce_metrics(sums, len(examples)).items()}
+    means = finish_metrics(objective, reduce_metrics(sums, len(examples)))
+    return {prefix + k: v for k, v in means.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +331,8 @@ class _Run:
     saved_step: int = -1
     """The step of the newest checkpoint this run wrote or resumed from."""
     stream: Iterator[list[int]] | None = None
+    scaler: LossScaler | None = None
+    """fp16's loss scale (:mod:`~prefalign.train.precision`); inactive otherwise."""
 
     name = "train"
     unit = "step"
@@ -367,6 +417,7 @@ def train_loop(
     ckpt = check_run_folder(config)
     run = _start(config, objective, train_examples, eval_examples, accelerator, ckpt)
     run.scorer, run.tokenizer, run.callback = eval_objective or objective, tokenizer, callback
+    run.scaler = LossScaler(config.mixed_precision, accelerator.device, run.state)
     try:
         last_metrics, final_eval = train_steps(run)
     finally:
@@ -386,6 +437,7 @@ def train_loop(
     }
     if accelerator.is_main_process:
         write_summary(run.output, summary)
+        write_model_card(run.output, config, summary)
     return summary
 
 
@@ -435,10 +487,17 @@ def _one_step(run: _Run, batch: list[int]) -> dict[str, float]:
     joins every collective call.
     """
     config, accelerator, objective = run.config, run.accelerator, run.objective
+    scaler = run.scaler or LossScaler("no", accelerator.device, run.state)
+
+    def backward(loss: Tensor) -> None:
+        accelerator.backward(scaler.scale(loss))
+
     t0 = time.perf_counter()
     share = [run.train_examples[i] for i in batch[accelerator.process_index :: accelerator.num_processes]]
     count = len(share)
     examples = share or [run.train_examples[batch[0]]]
+    if hasattr(objective, "prepare_step"):
+        objective.prepare_step(share)
     scale = accelerator.num_processes / len(batch) if count else 0.0
     sums: dict[str, Tensor] = {}
     tokens = 0
@@ -453,21 +512,22 @@ def _one_step(run: _Run, batch: list[int]) -> dict[str, float]:
             return nullcontext() if last else accelerator.no_sync(objective.model)
 
         chunk_sums, chunk_tokens = run_examples(
-            objective, chunk, config.micro_batch_tokens, scale, accelerator.backward, sync
+            objective, chunk, config.micro_batch_tokens, scale, backward, sync
         )
         for key, v in chunk_sums.items():
             sums[key] = sums.get(key, 0.0) + (v if count else v * 0.0)
         tokens += chunk_tokens if count else 0
+    scaler.unscale(run.optimizer)  # (fp16: the norm, the clip and the step see the true gradients)
     grad_norm = clip_gradients(accelerator, objective.model, config.max_grad_norm)
     keys = list(sums)  # one all-reduce: the metric sums, the example and token counts, Ctrl-C requests
     *totals, count, tokens, interrupt = sum_over_processes(
         accelerator, *(sums[k] for k in keys), count, tokens, float(run.interrupt.requested)
     )
-    metrics = {k: v / max(count, 1) for k, v in zip(keys, totals, strict=True)}
+    metrics = finish_metrics(objective, {k: v / max(count, 1) for k, v in zip(keys, totals, strict=True)})
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     skipped = run.state.get("nonfinite_skipped", 0)
-    if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
-        run.optimizer.step()
+    if math.isfinite(metrics["loss"]) and (math.isfinite(grad_norm) or scaler.active):
+        scaler.step(run.optimizer, grad_norm)  # (fp16: an overflowed step is skipped and counted)
     elif config.skip_nonfinite:
         skipped += 1
         log.warning(
@@ -486,6 +546,7 @@ def _one_step(run: _Run, batch: list[int]) -> dict[str, float]:
         run.state["nonfinite_skipped"] = skipped
         metrics["nonfinite_skipped"] = skipped
     metrics.update(grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / elapsed, step_s=elapsed)
+    metrics.update(scaler.metrics())
     metrics["_interrupt"] = interrupt  # (the driver takes it out)
     return metrics
 

@@ -34,7 +34,9 @@ from prefalign.config import ConfigError, config_to_dict
 from prefalign.generation import GenerationOutput, SamplingSettings, generate, response_logprobs
 from prefalign.losses import KL_ESTIMATORS
 from prefalign.train.checkpoint import load_checkpoint, save_run_checkpoint, save_run_model
+from prefalign.train.completions import log_completions, truncate_completions
 from prefalign.train.driver import Interrupt, train_steps
+from prefalign.train.model_card import write_model_card
 from prefalign.train.optim import make_optimizer, make_scheduler
 from prefalign.train.options import OnlineConfig
 from prefalign.train.policy import (
@@ -45,10 +47,12 @@ from prefalign.train.policy import (
     mean_stats,
     micro_plan,
     minibatch_plan,
+    nonfinite,
     old_pass,
     optimizer_step,
     sampler_pass,
 )
+from prefalign.train.precision import LossScaler
 from prefalign.train.processes import make_accelerator, seed_everything, sharded, sum_over_processes
 from prefalign.train.run_folder import (
     MetricsWriter,
@@ -86,14 +90,25 @@ def encode_prompts(tokenizer: Any, rows: list[dict[str, Any]], config: OnlineCon
     return [encode_prompt(tokenizer, r["prompt"], raw=config.raw)[-config.max_prompt_length :] for r in rows]
 
 
-def prompt_texts(tokenizer: Any, rows: list[dict[str, Any]]) -> list[str]:
-    """What a text reward sees as the prompt: the text itself, or a conversation's rendering."""
-    return [
-        r["prompt"]
-        if isinstance(r["prompt"], str)
-        else tokenizer.apply_chat_template(r["prompt"], tokenize=False)
-        for r in rows
-    ]
+def reward_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a reward sees of each prompt row: ``prompt`` (text, or messages as given) and every other
+    column of the file (``None`` where a row lacks one), each row still knowing where it was read."""
+    from prefalign.data import located, location
+    from prefalign.rewards import data_columns
+
+    names = data_columns(rows)
+    return [located({"prompt": r["prompt"], **{k: r.get(k) for k in names}}, location(r)) for r in rows]
+
+
+def check_reward_data(source: Any, config: OnlineConfig, prompts: tuple, held: tuple) -> None:
+    """Before any model is loaded or sampled from: ``source`` takes every column of the training and
+    held-out prompts and finds what it needs there (an accuracy reward, each row's ``answer``)."""
+    from prefalign.rewards import check_reward_data as check
+
+    name = lambda s: Path(s).name if Path(s).exists() else s  # noqa: E731
+    check(source, prompts[1], name(config.prompts))
+    if held[1]:
+        check(source, held[1], name(config.eval_prompts or config.prompts))
 
 
 def iteration_prompts(n_prompts: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
@@ -120,6 +135,7 @@ class Rollout:
         out: the sampler's output (prompt/response ids and masks, sampled log-probs, texts).
         scores: ``[N]`` reward of each response, after the missing-EOS penalty.
         raw_scores: ``[N]`` the reward source's scores as returned.
+        rows: what the reward saw of each response's prompt (the prompt and its columns).
         ref_logprobs: ``[N, R]`` log-probs under the reference model (0 off the response mask).
         logprobs: ``[N, R]`` log-probs under the policy before this iteration's update ("old").
         values: ``[N, R]`` the critic's values before the update (PPO only).
@@ -129,6 +145,7 @@ class Rollout:
     out: GenerationOutput
     scores: Tensor
     raw_scores: Tensor
+    rows: list[dict[str, Any]] = field(default_factory=list)
     ref_logprobs: Tensor | None = None
     logprobs: Tensor | None = None
     values: Tensor | None = None
@@ -165,10 +182,14 @@ def sample(
     )
 
 
-def score(source: Any, prompts: list[str], out: GenerationOutput, penalty: float) -> tuple[Tensor, Tensor]:
-    """``(scores, raw_scores)``, both ``[N]`` float32: the source's scores, and those less ``penalty``
-    where a response never reached a stop token. A reward model sharing the policy's vocabulary scores
-    the sampled token ids themselves (no decode/re-encode round trip)."""
+def score(
+    source: Any, rows: list[dict[str, Any]], out: GenerationOutput, penalty: float
+) -> tuple[Tensor, Tensor]:
+    """``(scores, raw_scores)``, both ``[N]`` float32: the source's scores of the responses to ``rows``
+    (:func:`reward_rows`: the prompt and its columns, passed as ``source(prompts, completions,
+    **columns)``), and those less ``penalty`` where a response never reached a stop token. A reward model
+    sharing the policy's vocabulary scores the sampled token ids themselves (no decode/re-encode round
+    trip)."""
     if getattr(source, "same_vocab", False):
         ids = [
             p[m.bool()].tolist() + r[k.bool()].tolist()
@@ -181,7 +202,8 @@ def score(source: Any, prompts: list[str], out: GenerationOutput, penalty: float
 
         check_scores(source.name, raw, len(ids))
     else:
-        raw = torch.tensor(source(prompts, out.texts), dtype=torch.float32)
+        columns = {k: [r[k] for r in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
+        raw = torch.tensor(source([r["prompt"] for r in rows], out.texts, **columns), dtype=torch.float32)
     return raw - penalty * (~out.finished).float().cpu(), raw
 
 
@@ -292,6 +314,12 @@ class OnlineRun:
     def save_extra(self, output: Path) -> None:
         """Save what the final folder holds beside the policy."""
 
+    def sample_fields(self, rollout: Rollout, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``[N]`` figures of each sample for ``completions.jsonl`` beside its rewards: ``advantage`` (the
+        sequence's, or the first response token's where the advantages are per token)."""
+        adv = batch["advantages"]
+        return {"advantage": adv[:, 0] if adv.dim() == 2 else adv}
+
     # the driver's side (prefalign.train.driver.StepRun)
 
     def lean_target(self) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -323,7 +351,8 @@ class OnlineRun:
 
 def prepare(config: OnlineConfig, tokenizer: Any = None) -> tuple[Any, Any, tuple, tuple, Path | None]:
     """Check the run folder, seed, make the accelerator and the tokenizer, load and encode the training
-    and held-out prompts: ``(accelerator, tokenizer, (ids, texts), (eval_ids, eval_texts), checkpoint)``,
+    and held-out prompts: ``(accelerator, tokenizer, (ids, rows), (eval_ids, eval_rows), checkpoint)`` (the
+    rows: :func:`reward_rows`),
     the last the one to resume from (``None`` without ``--resume``). The folder itself is cleared
     (``--overwrite``) later, by the main process, when the run begins (:func:`train_run`)."""
     from prefalign.data import load_prompts
@@ -331,6 +360,7 @@ def prepare(config: OnlineConfig, tokenizer: Any = None) -> tuple[Any, Any, tupl
     from prefalign.train.loop import split_rows
 
     ckpt = check_run_folder(config)  # before anything is loaded: a folder holding a run needs a flag
+    check_response_length(config)
     seed_everything(config.seed)
     acc = make_accelerator()
     if sharded(acc):
@@ -338,19 +368,37 @@ def prepare(config: OnlineConfig, tokenizer: Any = None) -> tuple[Any, Any, tupl
             "online methods (ppo, grpo, rloo) run on one process or several under DDP (--num-processes, "
             "configs/accelerate/ddp.yaml), not under FSDP or DeepSpeed yet"
         )
-    if config.rollout_batch % acc.num_processes:
-        raise ConfigError(
-            f"rollout_batch {config.rollout_batch} must divide over {acc.num_processes} processes"
-        )
+    config.check_processes(acc.num_processes)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+    train, held_source = config.prompt_sources()
     rows, held = split_rows(
-        load_prompts(config.prompts),
-        load_prompts(config.eval_prompts) if config.eval_prompts else [],
+        load_prompts(**train),
+        load_prompts(**held_source) if held_source else [],
         config.eval_split,
         config.seed,
     )
-    encode = lambda r: (encode_prompts(tokenizer, r, config), prompt_texts(tokenizer, r))  # noqa: E731
+    encode = lambda r: (encode_prompts(tokenizer, r, config), reward_rows(r))  # noqa: E731
     return acc, tokenizer, encode(rows), encode(held), ckpt
+
+
+def check_response_length(config: OnlineConfig) -> None:
+    """Refuse a ``--response-length`` past the policy's context, from its config alone (no weights
+    loaded, nothing allocated: the sampler's cache for ``10**12`` positions asked for terabytes).
+
+    Raises:
+        ConfigError: naming response_length, the context, the config key that holds it and what fits.
+        ModelError: the model cannot be found.
+    """
+    from prefalign.generation import context_entry
+    from prefalign.models import load_config
+
+    context = context_entry(load_config(config.model, trust_remote_code=config.trust_remote_code))
+    if context is not None and config.response_length >= context[1]:
+        key, length = context
+        raise ConfigError(
+            f"response_length: {config.response_length} new tokens pass the context of {config.model} "
+            f"({length} tokens, {key} in its config); at most {length - 1} fit after a one-token prompt"
+        )
 
 
 def load_policy(config: OnlineConfig, model: nn.Module | None) -> nn.Module:
@@ -404,18 +452,23 @@ def build_run(run_class: type, config: OnlineConfig, acc: Any, module: nn.Module
 
 
 def rollout_for(
-    run: OnlineRun, prompt_ids: list[list[int]], texts: list[str], seed: int, for_update: bool = False
+    run: OnlineRun,
+    prompt_ids: list[list[int]],
+    rows: list[dict[str, Any]],
+    seed: int,
+    for_update: bool = False,
 ) -> tuple[Rollout, dict[str, float]]:
-    """Sample, score and re-score under the reference; returns the rollout and the phase timings.
-    ``for_update`` keeps the sampler's hidden states and entropies (unless --recompute-logprobs)."""
+    """Sample, score and re-score under the reference; returns the rollout and the phase timings. ``rows``
+    are what the reward sees of each prompt (:func:`reward_rows`). ``for_update`` keeps the sampler's
+    hidden states and entropies (unless --recompute-logprobs)."""
     config = run.config
     t0 = time.perf_counter()
     keep = for_update and not config.recompute_logprobs
     out = sample(run.unwrapped.policy, run.tokenizer, prompt_ids, config, seed, return_hidden=keep)
     t1 = time.perf_counter()
-    scores, raw = score(run.source, texts, out, config.missing_eos_penalty)
+    scores, raw = score(run.source, rows, out, config.missing_eos_penalty)
     t2 = time.perf_counter()
-    rollout = Rollout(out, scores, raw)
+    rollout = Rollout(out, scores, raw, rows=rows)
     rollout.ref_logprobs = reference_logprobs(run.reference, out, config).cpu()
     return rollout, {
         "time/generate": t1 - t0,
@@ -484,17 +537,43 @@ def run_iteration(run: OnlineRun, it: int) -> dict[str, float]:
     else:
         sampler_pass(run.unwrapped, rollout, first, acc.device)
     timing["time/forward"] += time.perf_counter() - t0
+    run.minibatch_stats = []
+    bad = nonfinite_rollout(run, rollout)
+    if bad:
+        nonfinite(run, bad)  # (stops the run unless --skip-nonfinite)
     batch, extra = run.targets(rollout, it)
+    log_completions(run, rollout, run.sample_fields(rollout, batch), it)  # --log-completions
     t0 = time.perf_counter()
-    stats = update(run, rollout, batch, it)
+    if bad:  # skipped: no update; the schedule moves on as if it had run
+        stats = {}
+        for _ in range(config.ppo_epochs * config.minibatches):
+            run.scheduler.step()
+    else:
+        stats = update(run, rollout, batch, it)
     timing["time/update"] = time.perf_counter() - t0
+    skipped = run.state.get("nonfinite_skipped", 0)
     return {
         **run.iteration_metrics(rollout, extra),
         **stats,
         **timing,
+        **({"nonfinite_skipped": skipped} if skipped else {}),
         "lr": run.scheduler.get_last_lr()[0],
         "time/iteration": time.perf_counter() - start,
     }
+
+
+def nonfinite_rollout(run: OnlineRun, rollout: Rollout) -> str | None:
+    """What is not finite in the iteration's samples over every process (scores, the per-token log-ratio
+    to the reference that every KL is made of), or ``None``."""
+    mask = rollout.mask.bool()
+    ratio = rollout.logprobs - rollout.ref_logprobs
+    scores, kl = sum_over_processes(
+        run.accelerator,
+        float((~torch.isfinite(rollout.scores)).sum()),
+        float((~torch.isfinite(ratio) & mask).sum()),
+    )
+    parts = [f"{int(scores)} scores"] * (scores > 0) + [f"the KL of {int(kl)} response tokens"] * (kl > 0)
+    return " and ".join(parts) or None
 
 
 def update(run: OnlineRun, rollout: Rollout, batch: dict[str, Tensor], it: int) -> dict[str, float]:
@@ -539,6 +618,9 @@ def train_run(run: OnlineRun, callback: Any = None) -> dict[str, Any]:
     config, acc = run.config, run.accelerator
     output = begin_run(config, acc)
     resumed = resume(run)
+    run.scaler = LossScaler(config.mixed_precision, acc.device, run.state)  # (fp16's loss scale, resumed)
+    if resumed and acc.is_main_process:
+        truncate_completions(output, run.state["step"])
     run.callback = callback
     run.writer = open_metrics(config, acc, run.state["step"] if resumed else None)
     try:
@@ -560,4 +642,5 @@ def train_run(run: OnlineRun, callback: Any = None) -> dict[str, Any]:
     if acc.is_main_process:
         run.save_extra(output)
         write_summary(output, summary)
+        write_model_card(output, config, summary)
     return summary

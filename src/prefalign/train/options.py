@@ -1,7 +1,7 @@
 """The options every training command shares, and their validation, defined once.
 
 :class:`TrainOptions` is the base of every command's config, through the offline methods'
-:class:`TrainConfig` (sft, reward, dpo) and the online methods' :class:`OnlineConfig` (ppo, grpo, rloo). An option means the same thing and is
+:class:`TrainConfig` (sft, reward, dpo, kto) and the online methods' :class:`OnlineConfig` (ppo, grpo, rloo). An option means the same thing and is
 checked by the same rule in every command; a subclass adds its own options and checks, or redefines an
 option's default (and its one-line docstring, which is the flag's ``--help``).
 """
@@ -9,7 +9,7 @@ option's default (and its one-line docstring, which is the flag's ``--help``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from prefalign.config import ConfigError, check_output_folder
@@ -49,10 +49,17 @@ class TrainOptions:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     micro_batch_tokens: int = 512
     """Upper bound on tokens per forward pass: batches are split into micro-batches to bound memory (exact)."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input and recompute its activations in the backward: less memory
+    for about one more forward pass of time, the same numbers (see BENCHMARKS.md)."""
     seed: int = 0
     """Seed for data order, sampling and the initialisation of new heads."""
     dtype: str = "float32"
-    """Weights dtype: float32 (CPU default), bfloat16, float16 or auto."""
+    """Weights dtype: float32 (CPU default), bfloat16 or float16 (the weights themselves cast: pure
+    half-precision training, no float32 master copy; see --mixed-precision for autocast), or auto."""
+    mixed_precision: str = "no"
+    """Autocast the forward passes to bf16 or fp16 over float32 master weights (fp16 with a dynamic loss
+    scale, overflowed steps skipped and counted in amp/skipped_steps); no: off."""
     lora_r: int = 0
     """LoRA rank; 0 trains all weights (the online methods, ppo, grpo and rloo, do not support LoRA yet)."""
     lora_alpha: float = 16.0
@@ -77,12 +84,30 @@ class TrainOptions:
     """Show a progress bar."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own Python code."""
+    skip_nonfinite: bool = False
+    """Skip an optimiser step whose loss or gradient is not finite (an online method: also an iteration whose
+    scores or KL are not), counted in the metrics, instead of stopping."""
+    columns: str = ""
+    """Rename the data set's columns before validation: canonical=column, comma separated (e.g.
+    prompt=question,chosen=good,rejected=bad; answer=solution for a reward reading an extra column)."""
 
     def __post_init__(self) -> None:
-        for ok, message in self.checks():
+        for ok, message in [*self.checks(), *self.finite_checks()]:
             if not ok:
                 raise ConfigError(message)
         check_output_folder(self.output)
+
+    def finite_checks(self) -> list[tuple[bool, str]]:
+        """Every float option (and each value of a list of floats) of every command is finite: ``inf``
+        or ``nan`` would only show up steps later as a model of NaNs."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    out.append((False, f"{f.name} must be finite, got {v}"))
+        return out
 
     def checks(self) -> list[tuple[bool, str]]:
         """``(holds, message)`` for each rule on the shared options; a subclass adds its own."""
@@ -116,7 +141,31 @@ class TrainOptions:
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (not (self.resume and self.overwrite), "give at most one of --resume and --overwrite"),
             (set(self.report_to) <= set(SINKS), f"report_to: unknown sink in {self.report_to}"),
+            _holds(self.column_map),
+            (
+                self.mixed_precision in ("no", "bf16", "fp16"),
+                f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}",
+            ),
+            (
+                self.mixed_precision == "no" or self.dtype == "float32",
+                f"--mixed-precision {self.mixed_precision} autocasts over float32 master weights: leave --dtype "
+                f"at float32 (--dtype {self.dtype} casts the weights themselves)",
+            ),
         ]
+
+    def column_map(self) -> dict[str, str]:
+        """``--columns`` as a mapping, canonical name -> the data set's column (empty: none)."""
+        from prefalign.data.columns import parse_columns
+
+        return parse_columns(self.columns)
+
+    def check_processes(self, num_processes: int) -> None:
+        """Refuse options that do not fit a run on ``num_processes`` processes: checked by the launcher
+        before it starts any worker (``--num-processes``) and by the run itself (a method overrides it).
+
+        Raises:
+            ConfigError: naming the option, its value and the process count.
+        """
 
     def lora_settings(self) -> Any:
         """The LoRA adapters these options ask for (a ``prefalign.models.LoraSettings``), or ``None``."""
@@ -129,14 +178,55 @@ class TrainOptions:
         )
 
 
+def _holds(check: Any) -> tuple[bool, str]:
+    """``(True, "")`` if ``check()`` raises no ConfigError, else ``(False, its message)``: a rule that a
+    helper enforces (``--columns``, the data sources), checked at config time, before any model loads."""
+    try:
+        check()
+    except ConfigError as err:
+        return False, str(err)
+    return True, ""
+
+
+def _sources(
+    main: str, split: str | None, subset: str | None, held: str | None, held_split: str | None, flag: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Loader arguments (source, split, subset) of the training set and of the held-out set, if any.
+
+    The held-out set is ``held`` read at ``held_split``, or, with a split and no source of its own, that
+    split of the training source; it shares the training data's subset when it is the same source.
+
+    Raises:
+        ConfigError: the held-out set would be the very split the run trains on.
+    """
+    train = {"source": main, "split": split, "subset": subset}
+    if held is None and held_split is None:
+        return train, None
+    source = held if held is not None else main
+    same = source == main
+    other = {"source": source, "split": held_split, "subset": subset if same else None}
+    if same and (held_split or "train") == (split or "train"):
+        raise ConfigError(
+            f"the held-out set is the training data itself ({main}, split {split or 'train'}): give "
+            f"--eval-{flag}-split another split, or another --eval-{flag}"
+        )
+    return train, other
+
+
 @dataclass(kw_only=True)
 class TrainConfig(TrainOptions):
-    """Options shared by every offline training command (sft, reward, dpo)."""
+    """Options shared by every offline training command (sft, reward, dpo, kto)."""
 
     data: str
     """Training data: a .jsonl/.json/.csv/.parquet file, a saved `datasets` folder, or a hub dataset id."""
     eval_data: str | None = None
     """Held-out data in the same format as --data."""
+    data_split: str | None = None
+    """Split of --data to train on where it has several (a hub id or a saved DatasetDict; default train)."""
+    data_subset: str | None = None
+    """Subset (a hub data set's config name, or a sub-folder of a local folder) of --data."""
+    eval_data_split: str | None = None
+    """Split of --eval-data, or without --eval-data the split of --data held out (e.g. test_prefs)."""
     batch_size: int = 8
     """Examples per forward batch (per process)."""
     grad_accum: int = 1
@@ -149,8 +239,6 @@ class TrainConfig(TrainOptions):
     """Longest tokenised example (prompt + completion); longer ones are truncated and counted."""
     max_prompt_length: int | None = None
     """Longest prompt kept (cut from the left) when an example is too long; default max_length // 2."""
-    skip_nonfinite: bool = False
-    """Skip an optimiser step whose loss or gradient is not finite (counted in the metrics) instead of stopping."""
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
@@ -165,7 +253,16 @@ class TrainConfig(TrainOptions):
                 f"max_prompt_length must be >= 1 and < max_length ({self.max_length}), "
                 f"got {self.max_prompt_length}",
             ),
+            _holds(self.data_sources),
         ]
+
+    def data_sources(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Loader arguments (source, split, subset, columns) of the training and held-out data."""
+        train, held = _sources(
+            self.data, self.data_split, self.data_subset, self.eval_data, self.eval_data_split, "data"
+        )
+        columns = self.column_map()
+        return {**train, "columns": columns}, (None if held is None else {**held, "columns": columns})
 
     @property
     def examples_per_step(self) -> int:
@@ -182,13 +279,27 @@ class OnlineConfig(TrainOptions):
     prompts: str
     """Prompts (JSONL/JSON/CSV/Parquet or a dataset) with a "prompt" field, text or messages."""
     reward: str | None = None
-    """Reward source: sentiment (VADER's compound score of the response) or a callable module:function."""
+    """Reward source: sentiment (VADER's compound score of the response), accuracy (1 when the response's
+    last number or final \\boxed{} equals the prompt row's "answer"), format (1 when --format-pattern
+    matches) or a callable module:function, called as fn(prompts, completions, **columns) with every
+    column of the prompts file but the prompt."""
     reward_model: str | None = None
     """Reward source: a `prefalign reward` output folder (use this or --reward)."""
+    format_pattern: str | None = None
+    """The Python regular expression of --reward format: a response scores 1 when re.search finds it."""
+    log_completions: int = 10
+    """At the first iteration and every N-th, append each sample (prompt, completion, rewards, advantage) to
+    completions.jsonl in the run folder and show the best and the worst on the terminal (0 disables)."""
     ref_model: str | None = None
     """Reference model for the KL penalty, if not the starting policy."""
     eval_prompts: str | None = None
     """Held-out prompts, sampled and scored at --eval-every and at the end (eval/scores, eval/kl)."""
+    prompts_split: str | None = None
+    """Split of --prompts where it has several (a hub id or a saved DatasetDict; default train)."""
+    prompts_subset: str | None = None
+    """Subset (a hub data set's config name, or a sub-folder of a local folder) of --prompts."""
+    eval_prompts_split: str | None = None
+    """Split of --eval-prompts, or without --eval-prompts the split of --prompts held out."""
     iterations: int | None = None
     """Rounds of rollout then update (default: one pass over the prompts, see --epochs)."""
     epochs: float | None = None
@@ -247,13 +358,41 @@ class OnlineConfig(TrainOptions):
             (1 <= self.minibatches <= self.rollout_batch, f"minibatches must be in [1, rollout_batch], got {self.minibatches}"),
             (self.generation_batch is None or self.generation_batch >= 1, "generation_batch must be >= 1"),
             (self.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {self.max_prompt_length}"),
+            _holds(self.prompt_sources),
+            (self.log_completions >= 0, f"log_completions must be >= 0, got {self.log_completions}"),
+            _holds(self.format_check),
         ]  # fmt: skip
+
+    def check_processes(self, num_processes: int) -> None:
+        if self.rollout_batch % num_processes:
+            raise ConfigError(
+                f"rollout_batch {self.rollout_batch} must divide over {num_processes} processes "
+                f"(each samples the same share of an iteration's prompts)"
+            )
 
     def reward_problem(self) -> str | None:
         """What is wrong with the reward options, if anything (methods that combine sources override)."""
         if (self.reward is None) == (self.reward_model is None):
-            return "give exactly one of --reward-model PATH or --reward sentiment|module:function"
+            return "give exactly one of --reward-model PATH or --reward sentiment|accuracy|format|module:function"
         return None
+
+    def format_check(self) -> None:
+        """A ConfigError unless --format-pattern is a regular expression given exactly with --reward format."""
+        from prefalign.rewards import format_pattern_problem
+
+        names = self.reward if isinstance(self.reward, list) else [self.reward]
+        problem = format_pattern_problem(self.format_pattern, [str(n) for n in names if n])
+        if problem:
+            raise ConfigError(problem)
+
+    def prompt_sources(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Loader arguments (source, split, subset, columns) of the training and held-out prompts."""
+        train, held = _sources(
+            self.prompts, self.prompts_split, self.prompts_subset, self.eval_prompts,
+            self.eval_prompts_split, "prompts",
+        )  # fmt: skip
+        columns = self.column_map()
+        return {**train, "columns": columns}, (None if held is None else {**held, "columns": columns})
 
     def total_iterations(self, n_prompts: int) -> int:
         """Iterations of the run: ``--iterations``, or ``--epochs`` passes over ``n_prompts``."""

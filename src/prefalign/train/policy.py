@@ -4,6 +4,8 @@ under the policy before any update (the "old" log-probs of the importance ratio)
 
 from __future__ import annotations
 
+import logging
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,10 +18,13 @@ from prefalign.generation import position_ids_from_mask
 from prefalign.losses import token_logps
 from prefalign.memory import release_freed_memory
 from prefalign.train.optim import clip_gradients
+from prefalign.train.precision import LossScaler
 from prefalign.train.processes import sum_over_processes
 
 if TYPE_CHECKING:
     from prefalign.train.online import Rollout
+
+log = logging.getLogger(__name__)
 
 
 def minibatch_plan(n: int, minibatches: int, seed: int, iteration: int, epoch: int) -> list[list[int]]:
@@ -241,22 +246,45 @@ def optimizer_step(
         The normalised statistics and ``policy/grad_norm``.
     """
     acc = run.accelerator
+    scaler = getattr(run, "scaler", None) or LossScaler("no", acc.device, run.state)
     sums: dict[str, Tensor] = {}
     for j, rows in enumerate(micros):
         sync = nullcontext() if j == len(micros) - 1 else acc.no_sync(run.module)
         with sync:
             loss, stats = micro_loss(rows)
-            acc.backward(loss * scale)
+            acc.backward(scaler.scale(loss * scale))
         sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+    scaler.unscale(run.optimizer)  # (fp16: the norm, the clip and the step see the true gradients)
     grad_norm = clip_gradients(acc, run.module, run.config.max_grad_norm)
-    run.optimizer.step()
+    totals = sum_over_processes(acc, *(float(v) for v in sums.values()))  # (every process decides alike)
+    row = {k: v / max(norm, 1.0) for k, v in zip(sums, totals, strict=True)}
+    row["policy/grad_norm"] = grad_norm
+    overflow_allowed = {"policy/grad_norm"} if scaler.active else set()  # (fp16: the scaler skips the step)
+    if all(math.isfinite(v) for k, v in row.items() if k not in overflow_allowed):
+        stepped = scaler.step(run.optimizer, grad_norm)
+        if scaler.active:
+            row.update({"amp/skipped": float(not stepped), "amp/scale": scaler.metrics()["amp/scale"]})
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        nonfinite(run, ", ".join(f"{k} {v}" for k, v in row.items() if not math.isfinite(v)))
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)  # no gradients held through the next sampling phase
     release_freed_memory()
-    totals = sum_over_processes(acc, *(float(v) for v in sums.values()))
-    row = {k: v / max(norm, 1.0) for k, v in zip(sums, totals, strict=True)}
-    row["policy/grad_norm"] = grad_norm
     return row
+
+
+def nonfinite(run: Any, what: str) -> None:
+    """A non-finite value in the iteration under way: counted in ``state["nonfinite_skipped"]`` under
+    --skip-nonfinite (the caller skips), else a :class:`~prefalign.train.driver.DivergenceError` naming
+    the iteration (``partial`` when an optimiser step of this iteration was already taken)."""
+    from prefalign.train.driver import DivergenceError
+
+    it = run.state["step"] + 1
+    if run.config.skip_nonfinite:
+        run.state["nonfinite_skipped"] = run.state.get("nonfinite_skipped", 0) + 1
+        log.warning("iteration %d: not finite (%s): skipped", it, what)
+        return
+    raise DivergenceError(f"iteration {it}: not finite: {what}", partial=bool(run.minibatch_stats))
 
 
 def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,8 @@ class PPORun(online.OnlineRun):
         """The objective terms; the adaptive KL controller steps toward its target."""
         kl, kl_coef = extra
         metrics = rollout_metrics(self, rollout, kl, kl_coef)
-        self.kl_ctl.update(metrics["objective/kl"], self.config.rollout_batch)
+        if math.isfinite(metrics["objective/kl"]):  # (a skipped non-finite iteration leaves it alone)
+            self.kl_ctl.update(metrics["objective/kl"], self.config.rollout_batch)
         return metrics
 
     def extra_modules(self) -> dict[str, nn.Module]:
@@ -183,6 +185,11 @@ class PPORun(online.OnlineRun):
         if unwrapped.value_model is not None:
             return {"value_model": unwrapped.value_model}
         return {"value_head": unwrapped.value_head}
+
+    def sample_fields(self, rollout: online.Rollout, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The first response token's advantage and the sequence KL to the reference (``objective/kl``'s)."""
+        kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(-1)
+        return {**super().sample_fields(rollout, batch), "kl": kl}
 
     def before_checkpoint(self) -> None:
         self.state["kl_coef"] = self.kl_ctl.value
@@ -250,7 +257,14 @@ def setup(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = No
     from prefalign.rewards import make_reward
 
     acc, tokenizer, prompts, held, ckpt = online.prepare(config, tokenizer)
-    source = make_reward(config.reward, config.reward_model, device=acc.device, raw=config.raw)
+    source = make_reward(
+        config.reward,
+        config.reward_model,
+        device=acc.device,
+        raw=config.raw,
+        format_pattern=config.format_pattern,
+    )
+    online.check_reward_data(source, config, prompts, held)  # before any model loads or samples
     source = online.check_vocabulary(source, tokenizer)
     module, reference = load_models(config, model, acc.device)
     kl_ctl = (

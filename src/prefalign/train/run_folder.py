@@ -19,12 +19,15 @@ from prefalign.config import ConfigError, check_output_folder, config_to_dict, s
 from prefalign.train.checkpoint import latest_checkpoint
 from prefalign.train.options import SINKS, TrainOptions
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "adapter")
+RUN_FILES = (
+    "config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "adapter", "completions.jsonl",
+    "inputs.json",
+)  # fmt: skip
 """What a run leaves in its folder: a folder holding any of these holds a run."""
 
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "epochs", "iterations", "resume", "overwrite", "skip_nonfinite", "progress", "report_to"}
-    | {"save_every", "keep_checkpoints"}
+    | {"save_every", "keep_checkpoints", "log_completions"}
 )
 """Options a resumed run may change: the step budget, and how the run is shown and saved (nothing that
 changes what a step computes)."""
@@ -43,13 +46,33 @@ def check_sinks(report_to: Sequence[str]) -> None:
             )
 
 
+INPUTS = "inputs.json"
+"""The run folder's record of its data files at the start (resolved path and SHA-256 of each)."""
+
+DATA_FIELDS = ("data", "eval_data", "prompts", "eval_prompts")
+"""Options naming data files whose content a resumed run must find unchanged."""
+
+BUDGET = ("max_steps", "epochs", "iterations")
+"""The options that set a run's length."""
+
+
+class RunFinished(Exception):
+    """``--resume`` of a run that already finished with this very budget: there is nothing to do, and
+    nothing is touched (the command says so and exits 0). ``summary``: the run's ``summary.json``."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 def check_run_folder(config: TrainOptions) -> Path | None:
     """Check ``config.output`` before anything is loaded; returns the checkpoint to resume from, if any.
 
     Raises:
         ConfigError: a --report-to sink is not installed; the folder holds a run and neither ``--resume``
             nor ``--overwrite`` was given; ``--resume`` finds no checkpoint; or ``--resume`` with settings
-            other than the step budget changed (the message names them).
+            other than the step budget changed (the message names them), a data file's content included.
+        RunFinished: ``--resume`` of a run that already finished with the same budget.
     """
     output = Path(config.output)
     check_output_folder(output)
@@ -58,7 +81,15 @@ def check_run_folder(config: TrainOptions) -> Path | None:
         ckpt = latest_checkpoint(output)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {output / 'checkpoints'}, nothing to resume")
-        changed = changed_settings(ckpt / "config.yaml", config)
+        changed = changed_settings(ckpt / "config.yaml", config) + changed_inputs(output, config)
+        summary = None if changed else finished_summary(output, ckpt, config)
+        if summary is not None:
+            raise RunFinished(
+                f"{output} already finished: {summary['steps']} steps of this budget "
+                f"({', '.join(f'{k} {getattr(config, k)}' for k in BUDGET if hasattr(config, k))}); "
+                "nothing to do (raise the budget to continue it)",
+                summary,
+            )
         if changed:
             raise ConfigError(
                 f"--resume: {ckpt} was trained with other settings: {'; '.join(changed)}. "
@@ -75,6 +106,63 @@ def check_run_folder(config: TrainOptions) -> Path | None:
     return None
 
 
+def finished_summary(output: Path, ckpt: Path, config: Any) -> dict[str, Any] | None:
+    """The run's summary when it finished at checkpoint ``ckpt`` with the budget ``config`` asks for
+    (``summary.json`` of that step, the same --max-steps / --epochs / --iterations); else None."""
+    try:
+        summary = json.loads((output / "summary.json").read_text())
+        saved = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(summary, dict) or summary.get("steps") != int(ckpt.name.split("-")[1]):
+        return None
+    new = yaml.safe_load(yaml.safe_dump(config_to_dict(config)))
+    return summary if all(saved.get(k) == new.get(k) for k in BUDGET if k in new) else None
+
+
+def input_files(config: Any) -> dict[str, dict[str, str]]:
+    """``{option: {"path", "sha256"}}`` for each of :data:`DATA_FIELDS` that names a file (folders and
+    hub datasets are not hashed)."""
+    import hashlib
+
+    out = {}
+    for key in DATA_FIELDS:
+        value = getattr(config, key, None)
+        path = Path(value).expanduser() if isinstance(value, str) and value else None
+        if path is not None and path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[key] = {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+    return out
+
+
+def changed_inputs(output: Path, config: Any) -> list[str]:
+    """``"key (the content of PATH changed since the run started)"`` for each data file recorded in the
+    run's :data:`INPUTS` whose bytes differ now (a run without the record: nothing to compare)."""
+    try:
+        recorded = json.loads((output / INPUTS).read_text())
+    except (OSError, ValueError):
+        return []
+    now = input_files(config)
+    return [
+        f"{key} (the content of {now[key]['path']} changed since the run started)"
+        for key, old in recorded.items()
+        if key in now and now[key]["path"] == old.get("path") and now[key]["sha256"] != old.get("sha256")
+    ]
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Equal settings, or two spellings of one existing path (``./runs/x``, ``runs/x``, absolute)."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and old and new:
+        a, b = Path(old).expanduser(), Path(new).expanduser()
+        return (a.exists() or b.exists()) and a.resolve() == b.resolve()
+    return False
+
+
 def changed_settings(saved: Path, config: Any) -> list[str]:
     """``"key (old -> new)"`` for each setting of ``config`` that differs from the YAML file ``saved``,
     except those in :data:`RESUMABLE_CHANGES` (no file: nothing to compare). An option the saved file
@@ -88,7 +176,7 @@ def changed_settings(saved: Path, config: Any) -> list[str]:
         if k in defaults and defaults[k] == new[k]:
             old[k] = new[k]
     keys = sorted((set(old) | set(new)) - RESUMABLE_CHANGES)
-    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if not _same(old.get(k), new.get(k))]
 
 
 def _defaults(config: Any) -> dict[str, Any]:
@@ -123,6 +211,8 @@ def begin_run(config: TrainOptions, accelerator: Any) -> Path:
         if config.overwrite:
             clear_run(output)
         save_config(config, output / "config.yaml")
+        if not config.resume:  # (a resumed run keeps the record of its start)
+            (output / INPUTS).write_text(json.dumps(input_files(config), indent=1))
     accelerator.wait_for_everyone()
     return output
 

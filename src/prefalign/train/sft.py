@@ -23,9 +23,9 @@ from prefalign.train.loop import (
     TrainConfig,
     check_run_folder,
     make_accelerator,
+    read_data,
     report_done,
     seed_everything,
-    split_rows,
     train_loop,
 )
 
@@ -76,12 +76,7 @@ def train(
     seed_everything(config.seed)
     accelerator = make_accelerator()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-    rows, held = split_rows(
-        load_sft(config.data),
-        load_sft(config.eval_data) if config.eval_data else [],
-        config.eval_split,
-        config.seed,
-    )
+    rows, held = read_data(config, load_sft)
     encoded = encode_sft_examples(tokenizer, rows, config.max_length, config.raw)
     for ex, row in zip(encoded, rows, strict=True):
         ex["where"] = location(row)  # named if a step with it diverges
