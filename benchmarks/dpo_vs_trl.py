@@ -9,7 +9,7 @@ Each run is a fresh process, timed from start to exit (model loading included); 
 process tree's maximum resident set. Prints per-run figures and the ratios prefalign / TRL.
 
 Usage:
-    python benchmarks/dpo_vs_trl.py [--pairs 64] [--peers ~/.cache/peers] [--variants default,frozen-ref]
+    python benchmarks/dpo_vs_trl.py [--pairs 64] [--peers ~/.cache/peers] [--variants default,frozen-ref,checkpointing]
                                     [--repeat 2]
 """
 
@@ -114,7 +114,11 @@ def run_prefalign(model_dir: Path, pairs: Path, out: Path, extra: list[str]) -> 
     return res
 
 
-VARIANTS = {"default": [], "frozen-ref": ["--no-precompute-ref"]}
+VARIANTS = {
+    "default": [],
+    "frozen-ref": ["--no-precompute-ref"],
+    "checkpointing": ["--gradient-checkpointing"],
+}
 
 
 def median_run(runs: list[dict]) -> dict:
