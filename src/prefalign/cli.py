@@ -190,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not quiet:
+            print("interrupted", file=sys.stderr)
         return 130
     except _run_finished() as done:  # (--resume of a finished run: nothing to do, nothing touched)
         print(f"prefalign {args.command}: {done}")

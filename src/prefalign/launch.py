@@ -125,9 +125,15 @@ FAILURE_GRACE_S = 10.0
 
 def worker_environment(rank: int, world_size: int, port: int, errors: Path) -> dict[str, str]:
     """The environment of worker ``rank``: what ``torchrun`` would set, with the rendezvous store hosted
-    by the launcher (``TORCHELASTIC_USE_AGENT_STORE``: every worker connects to it as a client)."""
+    by the launcher (``TORCHELASTIC_USE_AGENT_STORE``: every worker connects to it as a client). Unless the
+    user set it, each worker gets an equal share of the machine's cores as its thread count, and only the
+    first worker draws progress bars (the others would draw the same ones again)."""
+    shared = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world_size))}
+    quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"} if rank else {}
     return {
+        **shared,
         **os.environ,
+        **quiet,
         "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
         "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),

@@ -64,6 +64,10 @@ def test_a_signal_to_the_command_alone_saves_and_stops_every_worker(
     assert latest_checkpoint(out).name == f"step-{done[-1]}"
     assert processes_naming(str(out)) == []
     assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.splitlines()  # each message once, not once per worker
+    assert sum("saving a checkpoint after this step" in line for line in lines) == 1, stderr[-3000:]
+    assert lines.count("interrupted") == 1, stderr[-3000:]
+    assert "OMP_NUM_THREADS/MKL_NUM_THREADS unset" not in stderr  # the launcher shares the cores out itself
 
 
 def test_a_workers_mistake_is_reported_once_with_its_exit_status(tiny_model_dir, pairs, tmp_path):
