@@ -155,7 +155,13 @@ def _cache_of(out: Any) -> Any:
 
 
 def make_stepper(model: Any, key_mask: Tensor, lean: bool = True) -> LeanStepper | HFStepper:
-    """The lean stepper where the architecture allows it (and ``lean``), else the model's forward."""
-    return (
-        LeanStepper(model, key_mask.bool()) if lean and lean_supported(model) else HFStepper(model, key_mask)
-    )
+    """The lean stepper where the architecture allows it (and ``lean``), else the model's forward. A peft
+    (LoRA) model decodes leanly through its base model: peft replaced the base's linear layers with its
+    own, whose forward adds the adapter, and the lean stepper calls those very modules (LoRA only: other
+    peft methods, prompt tuning say, change the forward itself and use the HF stepper)."""
+    peft = getattr(model, "peft_config", None)
+    lora = peft is not None and all(c.peft_type == "LORA" for c in peft.values())
+    base = model.get_base_model() if lora else model
+    if lean and lean_supported(base):
+        return LeanStepper(base, key_mask.bool())
+    return HFStepper(model, key_mask)

@@ -130,6 +130,16 @@ GOOD = ["wonderful", "moving", "brilliant", "delightful", "gripping", "beautiful
 BAD = ["boring", "clumsy", "dull", "tedious", "messy", "forgettable", "awful", "lifeless"]
 
 
+def perturb_adapters(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> None:
+    """Give every LoRA ``B`` matrix of ``model`` (zero when peft creates it) random values, so that the
+    adapter changes the model's function and a test of the adapted model can fail."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
 def synthetic_pairs(n: int, seed: int = 0, chat: bool = False) -> list[dict]:
     """``n`` pairs whose chosen review uses positive words and whose rejected review negative ones."""
     rng = random.Random(seed)

@@ -27,12 +27,17 @@ def config(command: str, workdir: Path, model: Path, output: str, **overrides):
     return COMMANDS[command][0](**{**settings, **overrides})
 
 
-@pytest.mark.parametrize("command", ["grpo", "rloo"])
-def test_the_first_update_has_ratio_exactly_one(on_path, tiny_model_dir, command):
+@pytest.mark.parametrize(("command", "lora_r"), [("grpo", 0), ("rloo", 0), ("grpo", 4), ("rloo", 4)])
+def test_the_first_update_has_ratio_exactly_one(on_path, tiny_model_dir, command, lora_r):
     """One pass, one minibatch: the old log-probs are the detached current ones, so every ratio is
-    exp(0) = 1 to the bit and the clip never acts, in both commands."""
-    cfg = config(command, on_path, tiny_model_dir, f"ratio-{command}", iterations=1)
+    exp(0) = 1 to the bit and the clip never acts, in both commands, with and without LoRA (adapters made
+    non-zero first, so that the adapted policy is not its base)."""
+    from prefalign.testing import perturb_adapters
+
+    cfg = config(command, on_path, tiny_model_dir, f"ratio-{command}{lora_r}", iterations=1, lora_r=lora_r)
     run = grpo.setup(cfg, run_class=grpo.GroupRun if command == "grpo" else rloo.RLOORun)
+    if lora_r:
+        perturb_adapters(run.unwrapped.policy)
     run.run_iteration(0)
     (first,) = run.minibatch_stats
     assert first["policy/ratio_mean"] == 1.0

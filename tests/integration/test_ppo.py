@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prefalign.testing import perturb_adapters
 from prefalign.train import online
 from prefalign.train.loop import read_metrics
 from prefalign.train.ppo import PPOConfig, rollout_for, run_iteration, setup, train
@@ -33,22 +34,27 @@ def config(workdir: Path, model: Path, output: str, **overrides) -> PPOConfig:
     return PPOConfig(**{**settings, **overrides})
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_first_minibatch_ratio_is_one_and_sampled_logprobs_match(on_path, tiny_model_dir, recompute):
+@pytest.mark.parametrize(("recompute", "lora_r"), [(True, 0), (False, 0), (True, 4), (False, 4)])
+def test_first_minibatch_ratio_is_one_and_sampled_logprobs_match(on_path, tiny_model_dir, recompute, lora_r):
     """Before the first optimiser step the policy is the one that sampled. With --recompute-logprobs the
     old pass used the very same micro-batches as the first update: ratio exactly 1, approx_kl and
     clipfrac exactly 0. By default the old log-probs are the sampler's (a KV-cached loop): the same to
-    float rounding. Later minibatches move. And the sampler's log-probs equal a fresh forward's to 1e-4."""
+    float rounding. Later minibatches move. And the sampler's log-probs equal a fresh forward's to 1e-4
+    (with LoRA, adapters made non-zero first: the adapted policy's, to 1e-5)."""
     cfg = config(
-        on_path, tiny_model_dir, f"ratio{recompute}", iterations=1, ppo_epochs=2, minibatches=2,
-        temperature=0.8, recompute_logprobs=recompute,
+        on_path, tiny_model_dir, f"ratio{recompute}{lora_r}", iterations=1, ppo_epochs=2, minibatches=2,
+        temperature=0.8, recompute_logprobs=recompute, lora_r=lora_r,
     )  # fmt: skip
     run = setup(cfg)
+    if lora_r:
+        perturb_adapters(run.unwrapped.policy)
     ids, texts = run.prompts
     rollout, _ = rollout_for(run, ids[:8], texts[:8], seed=3)
     plans = [m for rows in online.minibatch_plan(8, 2, 0, 0, 0) for m in online.micro_plan(rollout, rows, 64)]
     online.old_pass(run.unwrapped, rollout, plans, torch.device("cpu"), cfg.temperature)
-    torch.testing.assert_close(rollout.logprobs, rollout.out.logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rollout.logprobs, rollout.out.logprobs, atol=1e-5 if lora_r else 1e-4, rtol=0)
+    if lora_r:  # the adapter matters: its base weights alone (the reference) score the samples otherwise
+        assert (rollout.ref_logprobs - rollout.logprobs).abs().max() > 1e-2
 
     run_iteration(run, 0)
     first = run.minibatch_stats[0]

@@ -27,6 +27,7 @@ from prefalign.models.commands import (
 from prefalign.models.loading import (
     DTYPES,
     LoraSettings,
+    adapter_disabled,
     apply_lora,
     backbone_and_head,
     cpu_has_bf16,
@@ -65,6 +66,7 @@ __all__ = [
     "ModelError",
     "ModelsFetchConfig",
     "add_commands",
+    "adapter_disabled",
     "apply_lora",
     "backbone_and_head",
     "builtin_names",

@@ -439,3 +439,9 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> Any:
         return get_peft_model(model, config)
     except ValueError as err:
         raise ModelError(f"LoRA target_modules={settings.target_modules!r}: {err}") from None
+
+
+def adapter_disabled(model: torch.nn.Module) -> Any:
+    """Context in which a LoRA model computes with its base weights (a no-op for other models)."""
+    inner = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    return inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()

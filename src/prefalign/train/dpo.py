@@ -268,9 +268,11 @@ class DPOObjective:
 
 
 def adapter_disabled(model: nn.Module) -> Any:
-    """Context in which a LoRA model computes with its base weights (a no-op for other models)."""
-    inner = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    return inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
+    """Context in which a LoRA model computes with its base weights (a no-op for other models):
+    :func:`prefalign.models.adapter_disabled`, imported when called (building the parser stays light)."""
+    from prefalign.models import adapter_disabled as disabled
+
+    return disabled(model)
 
 
 def steps_examples(config: DPOConfig, n: int) -> list[int]:

@@ -207,10 +207,18 @@ def score(
     return raw - penalty * (~out.finished).float().cpu(), raw
 
 
-def reference_logprobs(reference: nn.Module, out: GenerationOutput, config: OnlineConfig) -> Tensor:
-    """Reference log-probs of the sampled tokens at the sampling temperature, in token-budget batches."""
+def reference_logprobs(
+    reference: nn.Module | None, out: GenerationOutput, config: OnlineConfig, policy: nn.Module | None = None
+) -> Tensor:
+    """Reference log-probs of the sampled tokens at the sampling temperature, in token-budget batches;
+    with no ``reference``, those of the LoRA ``policy`` with its adapter switched off."""
+    from prefalign.models import adapter_disabled
+
     rows = max(1, config.micro_batch_tokens // max(1, out.prompt_ids.shape[1] + out.response_ids.shape[1]))
-    return response_logprobs(reference, out, temperature=config.temperature, batch_size=rows * 2)
+    if reference is not None:
+        return response_logprobs(reference, out, temperature=config.temperature, batch_size=rows * 2)
+    with adapter_disabled(policy):
+        return response_logprobs(policy, out, temperature=config.temperature, batch_size=rows * 2)
 
 
 def sequence_kl(rollout: Rollout, kind: str = "k1") -> Tensor:
@@ -246,7 +254,8 @@ class OnlineRun:
     config: OnlineConfig
     accelerator: Any
     module: nn.Module
-    reference: nn.Module
+    reference: nn.Module | None
+    """The frozen reference; ``None`` for the LoRA policy with its adapter off."""
     source: Any
     tokenizer: Any
     optimizer: Any
@@ -403,22 +412,31 @@ def check_response_length(config: OnlineConfig) -> None:
 
 def load_policy(config: OnlineConfig, model: nn.Module | None) -> nn.Module:
     """The policy to train (``model``, or loaded as configured) with every dropout off: the ratio needs
-    the same function in every pass (sampling, old, update)."""
+    the same function in every pass (sampling, old, update). With ``--lora-r`` it is wrapped with LoRA
+    adapters on ``--lora-targets`` (a peft model: only the adapters train)."""
+    from prefalign.models import apply_lora
     from prefalign.models import load_policy as load
 
+    lora = config.lora_settings()
     policy = model if model is not None else load(
         config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code
     )  # fmt: skip
+    if lora is not None and not hasattr(policy, "peft_config"):
+        policy = apply_lora(policy, lora)
     for sub in policy.modules():
         if isinstance(sub, nn.Dropout):
             sub.p = 0.0
     return policy
 
 
-def load_reference(config: OnlineConfig, device: Any) -> nn.Module:
-    """The frozen reference model (``--ref-model``, by default the starting policy's weights)."""
+def load_reference(config: OnlineConfig, device: Any) -> nn.Module | None:
+    """The frozen reference model (``--ref-model``, by default the starting policy's weights); ``None``
+    with LoRA and no ``--ref-model``: the reference is then the policy with its adapter switched off (one
+    copy of the base weights in memory, :func:`reference_logprobs`)."""
     from prefalign.models import load_reference as load
 
+    if config.lora_r and not config.ref_model:
+        return None
     kwargs = {"dtype": config.dtype, "trust_remote_code": config.trust_remote_code}
     return load(config.ref_model or config.model, **kwargs).to(device)
 
@@ -469,7 +487,8 @@ def rollout_for(
     scores, raw = score(run.source, rows, out, config.missing_eos_penalty)
     t2 = time.perf_counter()
     rollout = Rollout(out, scores, raw, rows=rows)
-    rollout.ref_logprobs = reference_logprobs(run.reference, out, config).cpu()
+    policy = run.unwrapped.policy
+    rollout.ref_logprobs = reference_logprobs(run.reference, out, config, policy).cpu()
     return rollout, {
         "time/generate": t1 - t0,
         "time/score": t2 - t1,

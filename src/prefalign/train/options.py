@@ -61,7 +61,7 @@ class TrainOptions:
     """Autocast the forward passes to bf16 or fp16 over float32 master weights (fp16 with a dynamic loss
     scale, overflowed steps skipped and counted in amp/skipped_steps); no: off."""
     lora_r: int = 0
-    """LoRA rank; 0 trains all weights (the online methods, ppo, grpo and rloo, do not support LoRA yet)."""
+    """LoRA rank; 0 trains all weights."""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: float = 0.0
@@ -334,6 +334,9 @@ class OnlineConfig(TrainOptions):
     """Longest prompt kept, in tokens (cut from the left)."""
     save_every: int = 0
     """Checkpoint every N iterations (0: no periodic ones); a checkpoint is always written after the last one."""
+    lora_targets: str | None = None
+    """With --lora-r: the modules to adapt, names separated by commas (e.g. q_proj,v_proj); default every
+    linear layer of the decoder (not the output layer)."""
 
     def checks(self) -> list[tuple[bool, str]]:
         problem = self.reward_problem()
@@ -341,8 +344,13 @@ class OnlineConfig(TrainOptions):
             (problem is None, problem or ""),
             *super().checks(),
             (
-                self.lora_r == 0,
-                "LoRA for online methods (ppo, grpo, rloo) is not yet supported: leave --lora-r at 0",
+                self.lora_r == 0 or self.lora_dropout == 0,
+                f"lora_dropout must be 0 for online methods (ppo, grpo, rloo), got {self.lora_dropout}: every "
+                "dropout is off so that sampling, the old pass and the update compute one function (ratio 1)",
+            ),
+            (
+                self.lora_targets is None or bool(self.lora_target_list()),
+                f"lora_targets: give module names separated by commas, got {self.lora_targets!r}",
             ),
             (self.iterations is None or self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
             (self.epochs is None or 0 < self.epochs < math.inf, f"epochs must be > 0 and finite, got {self.epochs}"),
@@ -362,6 +370,17 @@ class OnlineConfig(TrainOptions):
             (self.log_completions >= 0, f"log_completions must be >= 0, got {self.log_completions}"),
             _holds(self.format_check),
         ]  # fmt: skip
+
+    def lora_target_list(self) -> list[str]:
+        """``--lora-targets`` as a list of module names (empty: none given)."""
+        return [t.strip() for t in (self.lora_targets or "").split(",") if t.strip()]
+
+    def lora_settings(self) -> Any:
+        """The LoRA adapters these options ask for, on ``--lora-targets`` (default all-linear), or ``None``."""
+        settings = super().lora_settings()
+        if settings is not None and self.lora_targets is not None:
+            settings.target_modules = self.lora_target_list()
+        return settings
 
     def check_processes(self, num_processes: int) -> None:
         if self.rollout_batch % num_processes:

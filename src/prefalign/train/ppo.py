@@ -75,6 +75,11 @@ class PPOConfig(online.OnlineConfig):
             (self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0"),
             (self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}"),
             (not (self.shared_value_head and self.value_model), "give --value-model or --shared-value-head, not both"),
+            (
+                not self.lora_r or self.shared_value_head,
+                "--lora-r with a separate critic is not supported yet (it would be a second adapter on the same "
+                "base weights): add --shared-value-head (the value head then trains beside the policy's adapter)",
+            ),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
