@@ -14,7 +14,11 @@ and the highest peak RSS of each side are compared (prefalign / TRL).
 
 Usage:
     python benchmarks/grpo_vs_trl.py [--steps 8] [--beta 0.04] [--peers ~/.cache/peers] [--repeat 2]
-                                     [--model DIR] [--skip-trl]
+                                     [--model DIR] [--skip-trl] [--lora 16 --variants lora,default]
+
+With ``--lora R`` TRL trains a PEFT LoRA adapter (``TRL_LORA=R``: rank R, alpha 2R, all linear layers) and
+the ``lora`` variant runs ``prefalign grpo --lora-r R --lora-alpha 2R``; the ``default`` variant beside it
+is prefalign's full fine-tuning, for LoRA against its own full run.
 """
 
 from __future__ import annotations
@@ -49,10 +53,10 @@ def trl_prompts() -> list[str]:
     return prompts
 
 
-def run_trl(peers: Path, model_dir: Path, steps: int, beta: float) -> dict:
+def run_trl(peers: Path, model_dir: Path, steps: int, beta: float, lora: int = 0) -> dict:
+    env = {**os.environ, **({"TRL_LORA": str(lora)} if lora else {})}
     res = measured(
-        [str(peers / "bin" / "python"), str(TRL_SCRIPT), str(model_dir), str(steps), str(beta)],
-        env={**os.environ},
+        [str(peers / "bin" / "python"), str(TRL_SCRIPT), str(model_dir), str(steps), str(beta)], env=env
     )
     m = re.search(r"train_s=([\d.]+) steps=(\d+)", res["stdout"])
     rewards = re.search(r"rewards \[([^\]]*)\]", res["stdout"])
@@ -84,6 +88,12 @@ def run_prefalign(
 VARIANTS = {"default": []}
 
 
+def lora_variant(rank: int) -> list[str]:
+    """prefalign's side of ``--lora R``: the PEFT LoRA TRL trains under ``TRL_LORA=R`` (rank R, alpha 2R,
+    every linear layer of the decoder, no dropout; the reference is the base with the adapter off)."""
+    return ["--lora-r", str(rank), "--lora-alpha", str(2 * rank)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,7 +109,12 @@ def main() -> None:
         "--repeat", type=int, default=1, help="runs per side, interleaved; the median is reported"
     )
     parser.add_argument("--skip-trl", action="store_true", help="only run prefalign (no ratios)")
+    parser.add_argument(
+        "--lora", type=int, default=0, help="LoRA rank R on both sides (TRL_LORA=R; prefalign --lora-r R)"
+    )
     args = parser.parse_args()
+    if args.lora:
+        VARIANTS["lora"] = lora_variant(args.lora)
     if args.model is None:
         from prefalign.models import fetch_builtin
 
@@ -111,7 +126,9 @@ def main() -> None:
         prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in trl_prompts()))
         for rep in range(args.repeat):
             if not args.skip_trl:
-                runs.setdefault("trl", []).append(run_trl(args.peers, args.model, args.steps, args.beta))
+                runs.setdefault("trl", []).append(
+                    run_trl(args.peers, args.model, args.steps, args.beta, args.lora)
+                )
             for name in args.variants.split(","):
                 out = work / f"{name}-{rep}"
                 runs.setdefault(f"prefalign-{name}", []).append(
