@@ -48,24 +48,26 @@ def save_point(demo: Demo, method: str, checkpoint: str, result: Any, **extra: A
     }
 
 
+def evaluate(demo: Demo, policy: Any, progress: bool = False) -> Any:
+    """``policy`` evaluated as every point is: the test prompts, ``eval_samples`` samples each, the same
+    sampling seed for every policy, the ground truth and the KL to the reference."""
+    from prefalign.evaluate import evaluate_policy
+
+    c = demo.config
+    return evaluate_policy(
+        policy, demo.reference, demo.tokenizer, demo.test_prompts, demo.ground_truth,
+        max_new_tokens=c.max_new_tokens, seed=c.seed + 1, batch_size=c.sample_batch_size, progress=progress,
+        samples_per_prompt=c.eval_samples,
+    )  # fmt: skip
+
+
 def evaluator(demo: Demo, method: str) -> tuple[Callable[[int, Any], None], list[dict[str, Any]]]:
     """A training callback that evaluates the policy at each call; and the list of points it fills."""
-    from prefalign.evaluate import evaluate_policy
 
     points: list[dict[str, Any]] = []
 
     def callback(step: int, model: Any) -> None:
-        result = evaluate_policy(
-            model,
-            demo.reference,
-            demo.tokenizer,
-            demo.test_prompts,
-            demo.ground_truth,
-            max_new_tokens=demo.config.max_new_tokens,
-            seed=demo.config.seed + 1,
-            batch_size=demo.config.sample_batch_size,
-            samples_per_prompt=demo.config.eval_samples,
-        )
+        result = evaluate(demo, model)
         points.append(save_point(demo, method, f"step-{step}", result, step=step))
 
     return callback, points
@@ -73,21 +75,9 @@ def evaluator(demo: Demo, method: str) -> tuple[Callable[[int, Any], None], list
 
 def evaluate_reference(demo: Demo) -> None:
     """The reference policy's point: where every method starts (KL 0)."""
-    from prefalign.evaluate import evaluate_policy
 
     def body(phase: Phase) -> dict[str, Any]:
-        result = evaluate_policy(
-            demo.reference,
-            demo.reference,
-            demo.tokenizer,
-            demo.test_prompts,
-            demo.ground_truth,
-            max_new_tokens=demo.config.max_new_tokens,
-            seed=demo.config.seed + 1,
-            batch_size=demo.config.sample_batch_size,
-            progress=demo.config.progress,
-            samples_per_prompt=demo.config.eval_samples,
-        )
+        result = evaluate(demo, demo.reference, progress=demo.config.progress)
         point = save_point(demo, "reference", "step-0", result, step=0)
         return {"points": [point], "eval_s": point["eval_s"], "training_samples": 0}
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
-from prefalign.train.run_folder import json_safe
+from prefalign.train.run_folder import json_safe, truncate_jsonl
 
 FILE = "completions.jsonl"
 
@@ -94,15 +94,4 @@ def show(record: dict[str, Any], width: int = 60) -> str:
 def truncate_completions(output: Path, step: int) -> None:
     """Drop the lines of ``completions.jsonl`` past iteration ``step`` (and a half-written last line)
     before a resumed run appends its own, so no iteration appears twice."""
-    path = output / FILE
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("iteration", 0) <= step:
-            kept.append(line + "\n")
-    path.write_text("".join(kept))
+    truncate_jsonl(output / FILE, "iteration", step)

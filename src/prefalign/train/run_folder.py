@@ -233,10 +233,9 @@ def open_metrics(config: TrainOptions, accelerator: Any, resumed_step: int | Non
     )
 
 
-def truncate_metrics(output: Path, step: int) -> None:
-    """Drop the ``metrics.jsonl`` records after ``step`` (and a half-written last line) before a resumed
-    run appends its own, so no step appears twice."""
-    path = output / "metrics.jsonl"
+def truncate_jsonl(path: Path, key: str, step: int) -> None:
+    """Drop the records of the JSON-lines file ``path`` whose ``key`` is past ``step`` (and a half-written
+    last line) before a resumed run appends its own, so that no step appears twice."""
     if not path.is_file():
         return
     kept = []
@@ -245,9 +244,14 @@ def truncate_metrics(output: Path, step: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
+        if isinstance(record, dict) and record.get(key, 0) <= step:
             kept.append(line + "\n")
     path.write_text("".join(kept))
+
+
+def truncate_metrics(output: Path, step: int) -> None:
+    """Drop the ``metrics.jsonl`` records after ``step`` (:func:`truncate_jsonl`)."""
+    truncate_jsonl(output / "metrics.jsonl", "step", step)
 
 
 class MetricsWriter:
