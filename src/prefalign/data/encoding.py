@@ -261,12 +261,7 @@ def encode_preferences(
     raw: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`encode_preference` over a dataset, logging how many pairs were truncated."""
-    encoded = [
-        encode_preference(tokenizer, ex, max_length, max_prompt_length, raw)
-        for ex in _progress(examples, "pairs")
-    ]
-    _log_truncations(sum(e["truncated"] for e in encoded), len(encoded), max_length)
-    return encoded
+    return _encode_all(encode_preference, "pairs", tokenizer, examples, max_length, max_prompt_length, raw)
 
 
 def encode_unpaired(
@@ -277,10 +272,23 @@ def encode_unpaired(
     raw: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`encode_unpaired_example` over a dataset, logging how many rows were truncated."""
-    encoded = [
-        encode_unpaired_example(tokenizer, ex, max_length, max_prompt_length, raw)
-        for ex in _progress(examples, "rows")
-    ]
+    return _encode_all(
+        encode_unpaired_example, "rows", tokenizer, examples, max_length, max_prompt_length, raw
+    )
+
+
+def _encode_all(
+    encode: Any,
+    unit: str,
+    tokenizer: Any,
+    examples: Sequence[Row],
+    max_length: int,
+    max_prompt_length: int | None,
+    raw: bool,
+) -> list[dict[str, Any]]:
+    """``encode(tokenizer, example, max_length, max_prompt_length, raw)`` over ``examples`` with a progress
+    bar counting ``unit``, then one log line of how many were truncated."""
+    encoded = [encode(tokenizer, ex, max_length, max_prompt_length, raw) for ex in _progress(examples, unit)]
     _log_truncations(sum(e["truncated"] for e in encoded), len(encoded), max_length)
     return encoded
 
