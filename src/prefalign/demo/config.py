@@ -27,7 +27,7 @@ class DemoConfig:
     output: str = "runs/demo"
     """Run folder: report.html, report.md, summary.json, samples/, one folder per phase."""
     preset: str = "default"
-    """default (about 15 minutes on a laptop CPU), frontier (the paper's Figure 2 sweep; hours on a CPU) or
+    """default (about 15 minutes on a laptop CPU), frontier (the paper's Figure 2 sweep; about 100 minutes on a 2-core CPU) or
     smoke (a tiny random model, under a minute). Options given explicitly override the preset's values."""
     model: str = "smollm2"
     """Starting policy and reference: a builtin name, local folder or hub id (smoke: a tiny random model)."""
@@ -137,14 +137,15 @@ class DemoConfig:
 
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "default": {},
-    "frontier": {
+    "frontier": {  # sized to finish within about 100 minutes on a 2-core CPU (see BENCHMARKS.md)
         "methods": list(METHODS),
-        "preference_prompts": 0,
+        "preference_prompts": 200,
         "heldout_prompts": 24,
-        "evals_per_run": 5,
-        "dpo_epochs": 3.0,
-        "ppo_iterations": 120,
-        "ppo_rollout_batch": 32,
+        "evals_per_run": 4,
+        "eval_samples": 4,
+        "sample_batch_size": 256,
+        "dpo_epochs": 1.0,
+        "ppo_iterations": 24,
     },
     "smoke": {
         "model": "tiny-random",
