@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -335,6 +336,23 @@ class _HiddenTap:
         self.last = args[0][:, -1, :].detach()
 
 
+def prompt_groups(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Lengths of the runs of consecutive identical prompts: ``[a, a, a, b, c, c]`` gives ``[3, 1, 2]``.
+
+    Online RL lists the G samples of each prompt in a row (prompt-major), so its runs are the groups
+    that can share one prefill."""
+    sizes: list[int] = []
+    previous: list[int] | None = None
+    for prompt in prompts:
+        ids = [int(i) for i in prompt]
+        if sizes and ids == previous:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+            previous = ids
+    return sizes
+
+
 def _entropy(scores: Tensor) -> Tensor:
     """Entropy of softmax(scores) per row; ``-inf`` scores (filtered tokens) count as probability 0."""
     logp = scores.log_softmax(-1)
@@ -349,8 +367,12 @@ def _decode(
     generator: torch.Generator | None,
     tap: _HiddenTap | None,
     lean: bool = True,
+    share_prompts: bool = True,
 ) -> tuple[Tensor, ...]:
-    """One batch of the sampling loop; ``settings.stop_ids`` already resolved.
+    """One batch of the sampling loop; ``settings.stop_ids`` already resolved. With ``share_prompts``
+    and some run of identical consecutive prompts (:func:`prompt_groups`), only the unique prompts are
+    prefilled and the stepper shares their KV cache across each run; the prefill's logits and hidden
+    state are repeated to every row before the first token is sampled.
 
     Returns:
         prompt_ids [b, P], prompt_mask [b, P], response_ids [b, R], response_mask [b, R],
@@ -361,11 +383,25 @@ def _decode(
     device = next(model.parameters()).device
     stops = torch.as_tensor(settings.stop_ids, dtype=torch.long, device=device)
     max_new_tokens, greedy = settings.max_new_tokens, settings.greedy
-    prompt_ids, prompt_mask = _left_pad(prompts, pad_id, device)
-    batch, width = prompt_ids.shape
-    key_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
-    stepper = make_stepper(model, key_mask, lean=lean)
-    logits = stepper.step(prompt_ids, position_ids_from_mask(prompt_mask))
+    groups = prompt_groups(prompts) if share_prompts else [1] * len(prompts)
+    if max(groups) > 1:
+        starts = [0, *itertools.accumulate(groups)][:-1]
+        unique_ids, unique_mask = _left_pad([prompts[i] for i in starts], pad_id, device)
+        index = torch.repeat_interleave(
+            torch.arange(len(groups), device=device), torch.tensor(groups, device=device)
+        )
+        prompt_ids, prompt_mask = unique_ids.index_select(0, index), unique_mask.index_select(0, index)
+        key_mask = torch.cat([unique_mask, unique_mask.new_ones(len(groups), max_new_tokens)], dim=1)
+        stepper = make_stepper(model, key_mask, lean=lean, groups=groups)
+        logits = stepper.step(unique_ids, position_ids_from_mask(unique_mask)).index_select(0, index)
+        if tap is not None:
+            tap.last = tap.last.index_select(0, index)
+    else:
+        prompt_ids, prompt_mask = _left_pad(prompts, pad_id, device)
+        key_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), max_new_tokens)], dim=1)
+        stepper = make_stepper(model, key_mask, lean=lean)
+        logits = stepper.step(prompt_ids, position_ids_from_mask(prompt_mask))
+    batch = prompt_ids.shape[0]
     position = prompt_mask.sum(-1, keepdim=True)  # next position id of each row: its prompt length
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
@@ -470,6 +506,7 @@ def generate(
     progress: bool | None = None,
     return_hidden: bool = False,
     lean: bool = True,
+    share_prompts: bool = True,
 ) -> GenerationOutput:
     """Sample responses to token-id prompts with a KV cache, in batches.
 
@@ -492,6 +529,12 @@ def generate(
             distribution's entropy (``hidden``, ``entropy``; for a critic on the policy's trunk).
         lean: decode Llama-family models with :class:`prefalign.decoding.LeanStepper` (the same
             numbers, faster); False, or any other architecture, uses the model's own forward.
+        share_prompts: within each batch, rows that repeat the prompt of the row before (the G samples
+            of a prompt that online RL lists in a row) share one prefill: only the unique prompts go
+            through the model, and decoding reads each unique prompt's KV cache once for its whole run
+            (the lean stepper keeps it once per run; the model's-forward path copies it to every row).
+            The random draws stay per row in the same order, so the results equal ``share_prompts=False``
+            to float rounding (the prefill runs at another batch size); False prefills every row.
 
     Returns:
         A :class:`GenerationOutput`. ``logprobs`` are under the distribution that sampled (the warped
@@ -526,7 +569,7 @@ def generate(
     try:
         with torch.no_grad():
             parts = [
-                _decode(model, chunk, pad_id, settings, generator, tap, lean)
+                _decode(model, chunk, pad_id, settings, generator, tap, lean, share_prompts)
                 for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not show)
             ]
     finally:

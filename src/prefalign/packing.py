@@ -88,25 +88,28 @@ def pair_tokens(example: dict[str, Any]) -> int:
     )
 
 
-def _layout(sizes: list[tuple[int, int, int]]) -> BlockLayout:
-    """Blocks for pairs of (prompt, chosen, rejected) lengths, packed back to back."""
-    width = max(p + c + r for p, c, r in sizes)
+def _layout(sizes: list[tuple[int, list[int]]]) -> BlockLayout:
+    """Blocks for (prompt length, [completion lengths]) packed back to back: in each block every token
+    attends causally to the prompt and to the earlier tokens of its own completion, never to another
+    completion of the block (a pair is a block of two completions; a group of G samples, of G)."""
+    width = max(p + sum(rs) for p, rs in sizes)
     slot = torch.arange(width)
     gather, scatter, masks = [], [], []
     start = 0
-    for b, (p, c, r) in enumerate(sizes):
-        n = p + c + r
+    for b, (p, rs) in enumerate(sizes):
+        n = p + sum(rs)
         gather.append(start + torch.where(slot < n, slot, torch.zeros_like(slot)))
         scatter.append(b * width + torch.arange(n))
-        valid = slot < n
-        rejected_query = (slot >= p + c) & valid
-        chosen_key = (slot >= p) & (slot < p + c)
-        allowed = (
-            (slot[None, :] <= slot[:, None])
-            & valid[None, :]
-            & ~(rejected_query[:, None] & chosen_key[None, :])
-        )
-        masks.append(allowed)
+        # which part each slot belongs to: 0 the prompt, i the i-th completion, -1 padding
+        part = torch.full((width,), -1, dtype=torch.long)
+        part[:p] = 0
+        edge = p
+        for i, r in enumerate(rs, 1):
+            part[edge : edge + r] = i
+            edge += r
+        valid = part >= 0
+        same = (part[None, :] == part[:, None]) | (part[None, :] == 0)
+        masks.append((slot[None, :] <= slot[:, None]) & valid[None, :] & same)
         start += n
     return BlockLayout(torch.stack(gather), torch.cat(scatter), torch.stack(masks)[:, None])
 
@@ -117,7 +120,7 @@ class _RowBuilder:
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.pos: list[int] = []
-        self.sizes: list[tuple[int, int, int]] = []
+        self.sizes: list[tuple[int, list[int]]] = []
         self.keep: list[int] = []
         self.targets: list[int] = []
         self.segment: list[int] = []
@@ -148,27 +151,46 @@ class _RowBuilder:
         )
 
 
-def pack_pairs(examples: list[dict[str, Any]]) -> Packed:
-    """Pack encoded pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``) into one row.
+def pack_shared(groups: list[tuple[list[int], list[list[int]]]]) -> Packed:
+    """Pack groups of completions that share a prompt into one row: each group's prompt once, then its
+    completions, each attending to the prompt and to itself only (position ids restart at the prompt's
+    end for every completion), as if each ran alone after the prompt.
 
     A completion token ``c[k]`` is predicted by the hidden state before it: the prompt's last token for
-    ``k = 0``, else ``c[k - 1]``. The same holds for the rejected completion, whose first token is also
-    predicted from the prompt's last position. Completion ``2i`` is pair i's chosen, ``2i + 1`` its rejected.
+    ``k = 0``, else ``c[k - 1]``. Completions are numbered in order over all groups.
     """
     row = _RowBuilder()
-    for ex in examples:
-        p, c, r = ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"]
-        if not p:
-            raise ValueError("pack_pairs: a pair has an empty prompt; nothing can predict its first token")
-        base = len(row.ids)
-        row.ids += [*p, *c, *r]
-        row.pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
-        row.sizes.append((len(p), len(c), len(r)))
-        last_prompt = base + len(p) - 1
-        for start, toks in ((base + len(p), c), (base + len(p) + len(c), r)):
+    for prompt, completions in groups:
+        if not prompt:
+            raise ValueError("a prompt is empty; nothing can predict its completions' first token")
+        base, p = len(row.ids), len(prompt)
+        row.ids += [*prompt, *(t for c in completions for t in c)]
+        row.pos += range(p)
+        row.sizes.append((p, [len(c) for c in completions]))
+        last_prompt = base + p - 1
+        start = base + p
+        for toks in completions:
+            row.pos += range(p, p + len(toks))
             keep = [last_prompt, *range(start, start + len(toks) - 1)][: len(toks)]
             row.add_completion(keep, list(toks), start + len(toks) - 1 if toks else last_prompt)
+            start += len(toks)
     return row.build()
+
+
+def pack_pairs(examples: list[dict[str, Any]]) -> Packed:
+    """Pack encoded pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``) into one row
+    (:func:`pack_shared` with two completions per prompt): completion ``2i`` is pair i's chosen, ``2i + 1``
+    its rejected."""
+    groups = [
+        (list(ex["prompt_input_ids"]), [list(ex["chosen_input_ids"]), list(ex["rejected_input_ids"])])
+        for ex in examples
+    ]
+    try:
+        return pack_shared(groups)
+    except ValueError:
+        raise ValueError(
+            "pack_pairs: a pair has an empty prompt; nothing can predict its first token"
+        ) from None
 
 
 def pack_completions(examples: list[dict[str, Any]]) -> Packed:
@@ -184,7 +206,7 @@ def pack_completions(examples: list[dict[str, Any]]) -> Packed:
         counted = [t for t in range(1, len(seq)) if labels[t] != -100]
         row.ids += seq
         row.pos += range(len(seq))
-        row.sizes.append((len(seq), 0, 0))
+        row.sizes.append((len(seq), []))
         row.add_completion([base + t - 1 for t in counted], [labels[t] for t in counted], base + len(seq) - 1)
     return row.build()
 
@@ -344,15 +366,12 @@ def recompute_activations(model: nn.Module, enabled: bool = True) -> Iterator[No
             (getattr(m, "activation_checkpointing_disable", None) or m.gradient_checkpointing_disable)()
 
 
-def packed_logps(model: nn.Module, packed: Packed, average: bool = False) -> Tensor:
-    """Log-probability of every completion in ``packed`` under ``model``.
+def packed_token_logps(model: nn.Module, packed: Packed, temperature: float = 1.0) -> Tensor:
+    """Log-probability ``[K]`` of every counted token in ``packed`` under ``model``, its logits divided by
+    ``temperature``.
 
     The vocabulary projection runs only on the ``K`` kept positions (``logits_to_keep``), and
-    log-probabilities are gathered without a full log-softmax.
-
-    Returns:
-        ``[C]`` log-probabilities, one per completion (for pairs: chosen and rejected of pair i at ``2i`` and
-        ``2i + 1``); sums, or means over tokens when ``average``.
+    log-probabilities are gathered without a full log-softmax. Gradients flow when enabled.
     """
     from prefalign.memory import HEAD_CHUNK, HeadTokenLogps, hidden_instead_of_logits, plain_lm_head
 
@@ -369,10 +388,22 @@ def packed_logps(model: nn.Module, packed: Packed, average: bool = False) -> Ten
             use_cache=False,
         )
     targets = packed.targets.to(device)
-    if head is not None:  # out.logits holds the final hidden states at the kept positions
-        per_token = HeadTokenLogps.apply(out.logits[0], head.weight, targets, HEAD_CHUNK)
-    else:
-        per_token = token_logps(out.logits[0], targets)
+    scores = out.logits[0] if temperature == 1.0 else out.logits[0] / temperature
+    if head is not None:  # out.logits holds the final hidden states at the kept positions: (h / T) W = hW / T
+        return HeadTokenLogps.apply(scores, head.weight, targets, HEAD_CHUNK)
+    return token_logps(scores, targets)
+
+
+def packed_logps(model: nn.Module, packed: Packed, average: bool = False) -> Tensor:
+    """Log-probability of every completion in ``packed`` under ``model`` (:func:`packed_token_logps`
+    summed per completion).
+
+    Returns:
+        ``[C]`` log-probabilities, one per completion (for pairs: chosen and rejected of pair i at ``2i`` and
+        ``2i + 1``); sums, or means over tokens when ``average``.
+    """
+    per_token = packed_token_logps(model, packed)
+    device = per_token.device
     sums = torch.zeros(packed.lengths.numel(), dtype=per_token.dtype, device=device)
     sums = sums.index_add(0, packed.segment.to(device), per_token)
     return sums / packed.lengths.to(device).clamp(min=1) if average else sums

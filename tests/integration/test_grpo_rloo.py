@@ -140,6 +140,36 @@ def test_resume_equals_an_uninterrupted_run(on_path, tiny_model_dir, command):
 
 
 @pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_sharing_the_prompt_changes_nothing_but_float_rounding(on_path, tiny_model_dir, command):
+    """4 iterations, two passes over two minibatches (so the sampler's old log-probs, the reference's and
+    the update's all meet in the ratio), with each group's prompt paid once and without: the same samples,
+    the same metrics and weights to float rounding, and the first minibatch's ratio is 1."""
+    common = dict(lr_schedule="constant", minibatches=2, ppo_epochs=2, iterations=4, lr=1e-3)
+    train = COMMANDS[command][1]
+    keep = ("objective/scores", "objective/kl", "reward_std", "policy/ratio_mean", "policy/loss")
+    rows, weights = {}, {}
+    for share in (True, False):
+        out = f"share-{command}-{share}"
+        train(config(command, on_path, tiny_model_dir, out, share_prompts=share, **common))
+        rows[share] = [{k: r[k] for k in keep} for r in read_metrics(on_path / out) if "reward_std" in r]
+        weights[share] = load_file(on_path / out / "model.safetensors")
+    assert len(rows[True]) == 4
+    for a, b in zip(rows[True], rows[False], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    # Adam divides each step by the gradient's own size, so a weight whose gradient is near zero can move
+    # by a good share of lr (1e-3) on rounding alone: the bound is lr / 10 on any weight, and nearly every
+    # weight agrees to 1e-6
+    for key, value in weights[True].items():
+        diff = (value - weights[False][key]).abs()
+        assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-2, (key, diff.max())
+    cfg = config(command, on_path, tiny_model_dir, f"share-ratio-{command}", iterations=1, minibatches=2,
+                 ppo_epochs=2, lr=1e-3)  # fmt: skip
+    run = grpo.setup(cfg, run_class=grpo.GroupRun if command == "grpo" else rloo.RLOORun)
+    run.run_iteration(0)
+    assert run.minibatch_stats[0]["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
 def test_the_completions_log_holds_every_sample_of_the_logged_iterations(on_path, tiny_model_dir, command):
     """--log-completions 2 over 3 iterations logs iterations 1 and 2 (the first, then every second), each
     with all 4 x 4 samples. Per iteration the mean of the totals is metrics.jsonl's objective/scores;

@@ -4,6 +4,7 @@ train, the run folder holds the adapter and the merged model, resume is bitwise,
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -192,9 +193,8 @@ def test_lora_with_a_separate_critic_is_refused(on_path, tiny_model_dir):
         ppo_config(on_path, tiny_model_dir, "refused", shared_value_head=False)
 
 
-def test_lora_targets_and_dropout_are_checked(on_path, tiny_model_dir):
-    """--lora-targets picks the adapted modules; a LoRA dropout (which would make the sampler's and the
-    update's functions differ) is refused."""
+def test_lora_targets_are_checked(on_path, tiny_model_dir):
+    """--lora-targets picks the adapted modules; an empty list is refused."""
     cfg = grpo_config(on_path, tiny_model_dir, "targets", lora_targets="q_proj, v_proj")
     assert cfg.lora_settings().target_modules == ["q_proj", "v_proj"]
     policy = online.load_policy(cfg, None)
@@ -203,10 +203,32 @@ def test_lora_targets_and_dropout_are_checked(on_path, tiny_model_dir):
     }
     assert adapted == {"q_proj", "v_proj"}
     assert grpo_config(on_path, tiny_model_dir, "all").lora_settings().target_modules == "all-linear"
-    with pytest.raises(ConfigError, match="lora_dropout must be 0 for online methods"):
-        grpo_config(on_path, tiny_model_dir, "dropout", lora_dropout=0.1)
     with pytest.raises(ConfigError, match="lora_targets"):
         grpo_config(on_path, tiny_model_dir, "empty", lora_targets=" , ")
+
+
+def test_lora_dropout_acts_in_the_update_passes_only(on_path, tiny_model_dir):
+    """--lora-dropout 0.5 online: the LoRA dropout modules keep p = 0.5 (the model's own dropout is off);
+    the old pass (--recompute-logprobs) runs without it, so it equals the sampler's log-probs; the update
+    passes run with it, so the first minibatch's ratio is not 1, yet finite."""
+    cfg = grpo_config(
+        on_path, tiny_model_dir, "dropout", lora_dropout=0.5, iterations=1, recompute_logprobs=True
+    )
+    run = grpo.setup(cfg)
+    policy = run.unwrapped.policy
+    rates = {
+        m.p for n, m in policy.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n
+    }
+    assert rates == {0.5}
+    perturb_adapters(policy)  # (zero-initialised B matrices would make the dropout invisible)
+    ids, texts = run.prompts
+    rollout, _ = online.rollout_for(run, [ids[0]] * 2, [texts[0]] * 2, seed=5, for_update=True, group=2)
+    sampled = rollout.out.logprobs.clone()
+    online.old_pass(run.unwrapped, rollout, [[0, 1]], torch.device("cpu"), 1.0)
+    torch.testing.assert_close(rollout.logprobs * rollout.mask, sampled * rollout.mask, atol=1e-5, rtol=0)
+    run.run_iteration(0)
+    first = run.minibatch_stats[0]["policy/ratio_mean"]
+    assert first != 1.0 and math.isfinite(first)
 
 
 def test_a_two_process_lora_run_equals_a_one_process_run(workdir, tiny_model_dir):

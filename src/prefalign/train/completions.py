@@ -74,6 +74,7 @@ def log_completions(run: Any, rollout: Any, fields: dict[str, Tensor], it: int) 
         return
     with (Path(run.config.output) / FILE).open("a") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    run.writer.table(step, "completions", records)  # (TensorBoard, W&B: when those sinks are on)
     ranked = sorted(records, key=lambda r: r["reward"] if isinstance(r["reward"], float) else -math.inf)
     for label, record in (("best", ranked[-1]), ("worst", ranked[0])):
         log.info("iteration %d %s: %s", step, label, show(record))

@@ -54,6 +54,10 @@ class GroupConfig(online.OnlineConfig):
     """Lower clip of the importance ratio (1 - epsilon)."""
     epsilon_high: float | None = None
     """Upper clip (1 + epsilon_high; DAPO's clip-higher uses 0.28); default: --epsilon."""
+    share_prompts: bool = True
+    """Pay for each prompt once per group: one prefill shared by its samples when sampling, and one packed
+    row (the prompt, then its responses, each attending to the prompt and itself) in the reference, old and
+    update passes. The same numbers to float rounding; off, each sample carries its own copy of the prompt."""
 
     def reward_problem(self) -> str | None:
         n = len(self.reward) + (self.reward_model is not None)

@@ -61,6 +61,7 @@ from prefalign.train.rollout import (
     sample,
     score,
     sequence_kl,
+    shares_prompts,
 )
 from prefalign.train.run_folder import (
     MetricsWriter,
@@ -280,9 +281,10 @@ def check_response_length(config: OnlineConfig) -> None:
 
 
 def load_policy(config: OnlineConfig, model: nn.Module | None) -> nn.Module:
-    """The policy to train (``model``, or loaded as configured) with every dropout off: the ratio needs
-    the same function in every pass (sampling, old, update). With ``--lora-r`` it is wrapped with LoRA
-    adapters on ``--lora-targets`` (a peft model: only the adapters train)."""
+    """The policy to train (``model``, or loaded as configured) with the model's own dropout off: the ratio
+    needs the same function in every pass (sampling, old, update). With ``--lora-r`` it is wrapped with LoRA
+    adapters on ``--lora-targets`` (a peft model: only the adapters train), whose ``--lora-dropout`` acts in
+    the update passes only (the others run in eval mode)."""
     from prefalign.models import apply_lora
     from prefalign.models import load_policy as load
 
@@ -292,8 +294,8 @@ def load_policy(config: OnlineConfig, model: nn.Module | None) -> nn.Module:
     )  # fmt: skip
     if lora is not None and not hasattr(policy, "peft_config"):
         policy = apply_lora(policy, lora)
-    for sub in policy.modules():
-        if isinstance(sub, nn.Dropout):
+    for name, sub in policy.named_modules():
+        if isinstance(sub, nn.Dropout) and "lora_dropout" not in name:
             sub.p = 0.0
     return policy
 
@@ -344,10 +346,11 @@ def rollout_for(
     rows: list[dict[str, Any]],
     seed: int,
     for_update: bool = False,
+    group: int = 1,
 ) -> tuple[Rollout, dict[str, float]]:
     """Sample, score and re-score under the reference; returns the rollout and the phase timings. ``rows``
-    are what the reward sees of each prompt (:func:`reward_rows`). ``for_update`` keeps the sampler's
-    hidden states and entropies (unless --recompute-logprobs)."""
+    are what the reward sees of each prompt (:func:`reward_rows`), prompt-major in groups of ``group``.
+    ``for_update`` keeps the sampler's hidden states and entropies (unless --recompute-logprobs)."""
     config = run.config
     t0 = time.perf_counter()
     keep = for_update and not config.recompute_logprobs
@@ -355,9 +358,9 @@ def rollout_for(
     t1 = time.perf_counter()
     scores, raw = score(run.source, rows, out, config.missing_eos_penalty)
     t2 = time.perf_counter()
-    rollout = Rollout(out, scores, raw, rows=rows)
+    rollout = Rollout(out, scores, raw, rows=rows, group=group, shared=group > 1 and shares_prompts(config))
     policy = run.unwrapped.policy
-    rollout.ref_logprobs = reference_logprobs(run.reference, out, config, policy).cpu()
+    rollout.ref_logprobs = reference_logprobs(run.reference, out, config, policy, group).cpu()
     return rollout, {
         "time/generate": t1 - t0,
         "time/score": t2 - t1,
@@ -373,7 +376,7 @@ def sample_iteration(run: OnlineRun, it: int, repeats: int = 1) -> tuple[Rollout
     chosen = iteration_prompts(len(ids), config.rollout_batch, config.seed, it)
     mine = [i for i in chosen[acc.process_index :: acc.num_processes] for _ in range(repeats)]
     seed = (config.seed * 1_000_003 + it) * 64 + acc.process_index
-    return rollout_for(run, [ids[i] for i in mine], [texts[i] for i in mine], seed, for_update=True)
+    return rollout_for(run, [ids[i] for i in mine], [texts[i] for i in mine], seed, True, repeats)
 
 
 def sample_means(run: OnlineRun, rollout: Rollout, sums: dict[str, Tensor]) -> dict[str, float]:
@@ -417,7 +420,7 @@ def run_iteration(run: OnlineRun, it: int) -> dict[str, float]:
     t0 = time.perf_counter()
     first = [
         m
-        for rows in minibatch_plan(len(rollout), config.minibatches, config.seed, it, 0)
+        for rows in minibatch_plan(len(rollout), config.minibatches, config.seed, it, 0, rollout.group)
         for m in micro_plan(rollout, rows, config.micro_batch_tokens)
     ]
     if config.recompute_logprobs:  # in the first update pass's micro-batches: the same arithmetic
@@ -471,7 +474,7 @@ def update(run: OnlineRun, rollout: Rollout, batch: dict[str, Tensor], it: int) 
     run.minibatch_stats = []
     run.module.train()
     for epoch in range(config.ppo_epochs):
-        for rows in minibatch_plan(len(rollout), config.minibatches, config.seed, it, epoch):
+        for rows in minibatch_plan(len(rollout), config.minibatches, config.seed, it, epoch, rollout.group):
             micros = micro_plan(rollout, rows, config.micro_batch_tokens)
             run.minibatch_stats.append(run.minibatch_step(rollout, batch, rows, micros))
     return mean_stats(run.minibatch_stats)

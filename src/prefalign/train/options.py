@@ -65,7 +65,8 @@ class TrainOptions:
     lora_alpha: float = 16.0
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA path."""
+    """Dropout on the LoRA path. Online methods (ppo, grpo, rloo) apply it in the update passes only:
+    sampling, the old and the reference passes run without it, so the first ratio is 1 only on average."""
     log_every: int = 1
     """Write metrics every N steps (an online method's step is one iteration)."""
     eval_every: int = 0
@@ -343,11 +344,6 @@ class OnlineConfig(TrainOptions):
         return [
             (problem is None, problem or ""),
             *super().checks(),
-            (
-                self.lora_r == 0 or self.lora_dropout == 0,
-                f"lora_dropout must be 0 for online methods (ppo, grpo, rloo), got {self.lora_dropout}: every "
-                "dropout is off so that sampling, the old pass and the update compute one function (ratio 1)",
-            ),
             (
                 self.lora_targets is None or bool(self.lora_target_list()),
                 f"lora_targets: give module names separated by commas, got {self.lora_targets!r}",

@@ -27,15 +27,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def minibatch_plan(n: int, minibatches: int, seed: int, iteration: int, epoch: int) -> list[list[int]]:
+def minibatch_plan(
+    n: int, minibatches: int, seed: int, iteration: int, epoch: int, group: int = 1
+) -> list[list[int]]:
     """Shuffled, near-equal minibatches of ``range(n)`` for one update pass, fixed by (seed, iteration,
-    epoch) so that a resumed run repeats them."""
-    order = np.random.default_rng([seed, 7919, iteration, epoch]).permutation(n)
-    return [part.tolist() for part in np.array_split(order, minibatches)]
+    epoch) so that a resumed run repeats them. Rows that come in groups of ``group`` (the samples of one
+    prompt, prompt-major) are shuffled group by group and a group stays in one minibatch, where there are
+    at least as many groups as minibatches."""
+    groups = n // group if group > 1 and n % group == 0 else 0
+    if groups < max(minibatches, 1):
+        order = np.random.default_rng([seed, 7919, iteration, epoch]).permutation(n)
+        return [part.tolist() for part in np.array_split(order, minibatches)]
+    order = np.random.default_rng([seed, 7919, iteration, epoch]).permutation(groups)
+    return [
+        [g * group + j for g in part.tolist() for j in range(group)]
+        for part in np.array_split(order, minibatches)
+    ]
 
 
 def micro_plan(rollout: Rollout, rows: list[int], budget: int) -> list[list[int]]:
-    """Split ``rows`` (in order) so that rows x (prompt + response width) stays within ``budget``."""
+    """Split ``rows`` (in order) so that rows x (prompt + response width) stays within ``budget``; in the
+    shared-prompt layout (:mod:`prefalign.train.sharing`), so that each packed row holds at most ``budget``
+    tokens."""
+    if rollout.shared:
+        from prefalign.train.sharing import shared_micro_plan
+
+        out = rollout.out
+        return shared_micro_plan(
+            out.prompt_mask.sum(-1), out.response_mask.sum(-1), rows, rollout.group, budget
+        )
     out: list[list[int]] = []
     current: list[int] = []
     p_len = rollout.out.prompt_mask.sum(-1)
@@ -54,14 +74,16 @@ def micro_plan(rollout: Rollout, rows: list[int], budget: int) -> list[list[int]
 
 @dataclass
 class Micro:
-    """Rows of a rollout cut to their own widths: ``input_ids``/``attention_mask`` ``[b, P' + R']``."""
+    """Rows of a rollout cut to their own widths: ``input_ids``/``attention_mask`` ``[b, P' + R']``; or,
+    in the shared-prompt layout, ``shared`` (the rows packed group by group) and no padded inputs."""
 
     rows: list[int]
-    input_ids: Tensor
-    attention_mask: Tensor
+    input_ids: Tensor | None
+    attention_mask: Tensor | None
     response_ids: Tensor
     mask: Tensor
     width: int
+    shared: Any = None
 
     def take(self, x: Tensor) -> Tensor:
         """The rows and response columns of a rollout tensor ``[N, R]``."""
@@ -70,6 +92,17 @@ class Micro:
 
 def make_micro(rollout: Rollout, rows: list[int], device: torch.device) -> Micro:
     out = rollout.out
+    if rollout.shared:
+        from prefalign.train.sharing import pack_rows
+
+        shared = pack_rows(
+            out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, rows, rollout.group
+        )
+        w = shared.width
+        return Micro(
+            rows, None, None, out.response_ids[rows, :w].to(device),
+            out.response_mask[rows, :w].float().to(device), w, shared,
+        )  # fmt: skip
     p = int(out.prompt_mask[rows].sum(-1).max())
     r = int(out.response_mask[rows].sum(-1).max())
     prompt_ids, prompt_mask = out.prompt_ids[rows, -p:], out.prompt_mask[rows, -p:]
@@ -97,6 +130,10 @@ class PolicyLogits(nn.Module):
 
     def hidden(self, micro: Micro) -> Tensor:
         """The output layer's inputs ``[b, R', H]`` at the positions that predict each response token."""
+        if micro.shared is not None:
+            from prefalign.train.sharing import packed_hidden
+
+            return packed_hidden(self.policy, micro.shared, len(micro.rows))
         positions = position_ids_from_mask(micro.attention_mask)
         trunk = self.policy.get_decoder()
         hidden = trunk(
@@ -193,6 +230,8 @@ def old_pass(
     rollout.logprobs = torch.zeros(shape)
     rollout.values = torch.zeros(shape)
     rollout.entropy = torch.zeros(shape)
+    was_training = module.training
+    module.eval()  # (LoRA dropout acts in the update passes only)
     with torch.no_grad():
         for rows in plans:
             micro = make_micro(rollout, rows, device)
@@ -202,6 +241,7 @@ def old_pass(
             rollout.entropy[rows, :w] = (entropy * micro.mask).cpu()
             if values is not None:
                 rollout.values[rows, :w] = (values * micro.mask).cpu()
+    module.train(was_training)
 
 
 def sampler_pass(module: nn.Module, rollout: Rollout, plans: list[list[int]], device: torch.device) -> None:

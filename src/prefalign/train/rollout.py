@@ -73,6 +73,8 @@ class Rollout:
         scores: ``[N]`` reward of each response, after the missing-EOS penalty.
         raw_scores: ``[N]`` the reward source's scores as returned.
         rows: what the reward saw of each response's prompt (the prompt and its columns).
+        group: samples per prompt (rows ``g * group`` to ``g * group + group - 1`` share prompt ``g``).
+        shared: the forward passes run each group's prompt once (:mod:`prefalign.train.sharing`).
         ref_logprobs: ``[N, R]`` log-probs under the reference model (0 off the response mask).
         logprobs: ``[N, R]`` log-probs under the policy before this iteration's update ("old").
         values: ``[N, R]`` the critic's values before the update (PPO only).
@@ -83,6 +85,8 @@ class Rollout:
     scores: Tensor
     raw_scores: Tensor
     rows: list[dict[str, Any]] = field(default_factory=list)
+    group: int = 1
+    shared: bool = False
     ref_logprobs: Tensor | None = None
     logprobs: Tensor | None = None
     values: Tensor | None = None
@@ -116,7 +120,14 @@ def sample(
         batch_size=config.generation_batch,
         progress=False,
         return_hidden=return_hidden,
+        share_prompts=shares_prompts(config),
     )
+
+
+def shares_prompts(config: OnlineConfig) -> bool:
+    """Whether the samples of a prompt share its prefill and its packed forward passes (--share-prompts,
+    an option of the group methods; PPO samples each prompt once)."""
+    return bool(getattr(config, "share_prompts", False))
 
 
 def score(
@@ -145,17 +156,35 @@ def score(
 
 
 def reference_logprobs(
-    reference: nn.Module | None, out: GenerationOutput, config: OnlineConfig, policy: nn.Module | None = None
+    reference: nn.Module | None,
+    out: GenerationOutput,
+    config: OnlineConfig,
+    policy: nn.Module | None = None,
+    group: int = 1,
 ) -> Tensor:
     """Reference log-probs of the sampled tokens at the sampling temperature, in token-budget batches;
-    with no ``reference``, those of the LoRA ``policy`` with its adapter switched off."""
+    with no ``reference``, those of the LoRA ``policy`` with its adapter switched off. Groups of ``group``
+    samples of one prompt run their prompt once (:mod:`prefalign.train.sharing`) when the config shares
+    prompts."""
+    from contextlib import nullcontext
+
+    from prefalign.generation import is_greedy_temperature
     from prefalign.models import adapter_disabled
 
-    rows = max(1, config.micro_batch_tokens // max(1, out.prompt_ids.shape[1] + out.response_ids.shape[1]))
-    if reference is not None:
-        return response_logprobs(reference, out, temperature=config.temperature, batch_size=rows * 2)
-    with adapter_disabled(policy):
-        return response_logprobs(policy, out, temperature=config.temperature, batch_size=rows * 2)
+    model = reference if reference is not None else policy
+    with adapter_disabled(policy) if reference is None else nullcontext():
+        if group > 1 and shares_prompts(config):
+            from prefalign.train.sharing import shared_response_logprobs
+
+            t = 1.0 if is_greedy_temperature(config.temperature) else config.temperature
+            return shared_response_logprobs(
+                model, out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask,
+                group, t, config.micro_batch_tokens * 2,
+            )  # fmt: skip
+        rows = max(
+            1, config.micro_batch_tokens // max(1, out.prompt_ids.shape[1] + out.response_ids.shape[1])
+        )
+        return response_logprobs(model, out, temperature=config.temperature, batch_size=rows * 2)
 
 
 def sequence_kl(rollout: Rollout, kind: str = "k1") -> Tensor:

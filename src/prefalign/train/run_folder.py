@@ -300,6 +300,24 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(record, step=step)
 
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rows of text and numbers (the sampled completions) shown as a table where a sink can: a markdown
+        table in TensorBoard's text tab, a ``wandb.Table`` in W&B (metrics.jsonl has no tables; the caller
+        keeps its own file)."""
+        if not rows or (self._tb is None and self._wandb is None):
+            return
+        columns = list(rows[0])
+        cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+        if self._tb is not None:
+            escape = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join(escape(v) for v in row) + " |" for row in cells]
+            self._tb.add_text(name, "\n".join(lines), step)
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Table(columns=columns, data=cells)}, step=step)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -307,6 +325,11 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _cell(v: Any) -> Any:
+    """A table cell: numbers and text as they are, anything else (a list of messages) as JSON text."""
+    return v if v is None or isinstance(v, (str, int, float, bool)) else json.dumps(v, ensure_ascii=False)
 
 
 def _plain(v: Any) -> Any:
