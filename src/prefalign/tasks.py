@@ -7,17 +7,20 @@ each with a ``prompt`` and its ``answer`` (an integer)::
      answer as a number.", "answer": 19}
 
 The same ``--seed``, ``--n`` and ``--difficulty`` always give the same file. ``--difficulty`` sets the
-number of steps and the size of the numbers (:data:`LEVELS`): 1 is one addition or subtraction of numbers
-up to 20; 2 adds multiplication and numbers up to 50; each level after adds a step, with numbers up to
-100. Every intermediate result stays a whole number of at least 0, so an answer is always an integer.
+number of steps and the size of the numbers (:data:`LEVELS`): 0 is a bare sum or difference of two
+numbers up to 20 ("What is 7 + 5? Give the final answer as a number."); 1 is one addition or subtraction
+of numbers up to 20 in words; 2 adds multiplication and numbers up to 50; each level after adds a step,
+with numbers up to 100. Every intermediate result stays a whole number of at least 0, so an answer is
+always an integer.
 
 Measured on the bundled SmolLM2-135M-Instruct (2026-12-07; 128 problems of seed 1, its chat template,
-sampled at temperature 1 with 64 new tokens, scored by the ``accuracy`` reward): 7.8% at difficulty 1,
-2.3% at 2, 1.6% at 3. Even the easiest level is below the 10-60% where GRPO's groups of 8 reliably hold
-both right and wrong answers: the model often writes the sum correctly ("4 - 1 = 3") and then runs on into
-other numbers, and the last number is the one read. A larger model, or prompts with a worked example,
-lands in range; ``eval/scores`` at step 0 of ``prefalign grpo --reward accuracy --eval-prompts
-held_out.jsonl`` is the held-out accuracy before training.
+sampled at temperature 1 with 64 new tokens, scored by the ``accuracy`` reward): 14.8% at difficulty 0
+(11.7% with 32 new tokens; 21.9% when its numbers only go up to 10, too few distinct problems to hold
+any out), 3.9-7.8% at difficulty 1, 2.3% at 2, 1.6% at 3. Difficulty 0 is the one in
+the 10-60% where GRPO's groups of 8 reliably hold both right and wrong answers, so it is the default for
+this model; in words the model often writes the sum correctly ("4 - 1 = 3") and then runs on into other
+numbers, and the last number is the one read. ``eval/scores`` at step 0 of ``prefalign grpo --reward
+accuracy --eval-prompts held_out.jsonl`` is the held-out accuracy before training.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 LEVELS: dict[int, tuple[int, int, tuple[str, ...]]] = {
+    0: (1, 20, ("+", "-")),
     1: (1, 20, ("+", "-")),
     2: (1, 50, ("+", "-", "*")),
     3: (2, 100, ("+", "-", "*")),
@@ -51,12 +55,19 @@ STEPS = {
 """Each step's sentences; an addition says "more", a subtraction "away", "loses" or "sells", a
 multiplication "times", and each holds exactly one number."""
 OBJECT = {"She": "her", "He": "him"}
+ANSWER = "Give the final answer as a number."
 POSSESSIVE = {"She": "her", "He": "his"}
 
 
 def arithmetic_problem(rng: random.Random, difficulty: int) -> dict[str, Any]:
     """One word problem: ``{"prompt": text, "answer": int}`` drawn from ``rng`` at ``difficulty``."""
     steps, largest, ops = LEVELS[difficulty]
+    if difficulty == 0:  # a bare sum or difference, never below 0
+        a, b = rng.randint(1, largest), rng.randint(1, largest)
+        op = rng.choice(ops)
+        if op == "-":
+            a, b = max(a, b), min(a, b)
+        return {"prompt": f"What is {a} {op} {b}? {ANSWER}", "answer": a + b if op == "+" else a - b}
     name, items = rng.choice(NAMES), rng.choice(ITEMS)
     pronoun = PRONOUNS[name]
     value = rng.randint(2, largest)
@@ -75,14 +86,33 @@ def arithmetic_problem(rng: random.Random, difficulty: int) -> dict[str, Any]:
         template = rng.choice(STEPS[op])
         o = POSSESSIVE[pronoun] if op == "*" else OBJECT[pronoun]
         sentences.append(template.format(p=pronoun, n=n, o=o, items=items))
-    question = f"How many {items} does {name} have now? Give the final answer as a number."
+    question = f"How many {items} does {name} have now? {ANSWER}"
     return {"prompt": " ".join([*sentences, question]), "answer": value}
 
 
-def arithmetic_problems(n: int, seed: int = 0, difficulty: int = 1) -> list[dict[str, Any]]:
-    """``n`` word problems, the same for the same ``seed`` and ``difficulty``."""
+def arithmetic_problems(
+    n: int, seed: int = 0, difficulty: int = 0, exclude: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """``n`` word problems, the same for the same ``seed``, ``difficulty`` and ``exclude`` (prompts that
+    must not appear: a training file's, so that held-out problems are new ones).
+
+    Raises:
+        ValueError: ``n`` problems outside ``exclude`` not found in ``100 n`` draws.
+    """
     rng = random.Random(seed)
-    return [arithmetic_problem(rng, difficulty) for _ in range(n)]
+    out: list[dict[str, Any]] = []
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        problem = arithmetic_problem(rng, difficulty)
+        if problem["prompt"] not in exclude:
+            out.append(problem)
+    if len(out) < n:
+        raise ValueError(
+            f"found only {len(out)} of {n} problems at difficulty {difficulty} outside the excluded ones; "
+            "ask for fewer, or a higher difficulty (more distinct problems)"
+        )
+    return out
 
 
 @dataclass
@@ -95,9 +125,13 @@ class ArithmeticConfig:
     """Problems to write."""
     seed: int = 0
     """Seed of the generator: the same seed, n and difficulty always give the same file."""
-    difficulty: int = 1
-    """1: one addition or subtraction of numbers up to 20; 2: also multiplication, numbers up to 50;
-    3-5: 2-4 steps with numbers up to 100."""
+    exclude: str | None = None
+    """A JSONL file (e.g. the training problems) whose prompts must not be written: held-out problems that
+    training never saw."""
+    difficulty: int = 0
+    """0: a bare sum or difference of numbers up to 20 (the bundled SmolLM2 gets about 15% right before
+    training); 1: one addition or subtraction in words, numbers up to 20; 2: also multiplication, numbers
+    up to 50; 3-5: 2-4 steps with numbers up to 100."""
 
     def __post_init__(self) -> None:
         from prefalign.config import ConfigError
@@ -110,13 +144,38 @@ class ArithmeticConfig:
             raise ConfigError(f"difficulty must be one of {sorted(LEVELS)}, got {self.difficulty}")
 
 
+def _prompts_of(path: Path) -> frozenset[str]:
+    """The ``prompt`` of every line of a JSONL file (a tasks file)."""
+    from prefalign.config import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"--exclude {path}: file not found")
+    prompts = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--exclude {path}, line {number}: not JSON ({err.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.add(row["prompt"])
+    return frozenset(prompts)
+
+
 def _arithmetic_command(args: Any) -> int:
     from prefalign.config import check_output_file, config_from_args
 
     config = config_from_args(ArithmeticConfig, args)
     out = Path(config.output)
     check_output_file(out)
-    rows = arithmetic_problems(config.n, config.seed, config.difficulty)
+    excluded: frozenset[str] = frozenset()
+    if config.exclude:
+        excluded = _prompts_of(Path(config.exclude))
+    try:
+        rows = arithmetic_problems(config.n, config.seed, config.difficulty, excluded)
+    except ValueError as err:
+        from prefalign.config import ConfigError
+
+        raise ConfigError(str(err)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(
