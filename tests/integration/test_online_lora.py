@@ -186,11 +186,57 @@ def test_lora_resume_is_bitwise_and_the_folder_holds_adapter_and_merged_model(
     assert (a - plain).abs().max() > 1e-4, "the adapter trained"
 
 
-def test_lora_with_a_separate_critic_is_refused(on_path, tiny_model_dir):
-    """A separate critic under LoRA (a second adapter on the same base) is not built yet: refused with a
-    message naming the way out, not silently loaded as a second model."""
-    with pytest.raises(ConfigError, match="--lora-r with a separate critic .* --shared-value-head"):
-        ppo_config(on_path, tiny_model_dir, "refused", shared_value_head=False)
+def test_a_separate_critic_is_a_second_adapter_on_the_same_base(on_path, tiny_model_dir, monkeypatch):
+    """PPO with --lora-r and no --shared-value-head: no critic model is loaded (a second adapter, "critic",
+    and its head on the policy's base weights); after two iterations the base is untouched and both
+    adapters and the head moved; the critic's values are its own pass (not the policy's hidden states
+    through the head); the policy's sampling runs the policy's adapter; resume is bitwise."""
+    from prefalign.models import CRITIC_ADAPTER
+
+    def no_critic_model(*args, **kwargs):
+        raise AssertionError("a LoRA critic must not load a second model")
+
+    monkeypatch.setattr(models, "load_value_model", no_critic_model)
+    common = dict(shared_value_head=False, lr_schedule="constant", minibatches=2, ppo_epochs=2)
+    run = ppo.setup(ppo_config(on_path, tiny_model_dir, "critic-adapter", iterations=2, **common))
+    module = run.unwrapped
+    assert module.critic_adapter == CRITIC_ADAPTER and module.value_model is None
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    trainable = {k for k, v in module.named_parameters() if v.requires_grad}
+    assert any(f".{CRITIC_ADAPTER}." in k for k in trainable) and any(".default." in k for k in trainable)
+    assert all("lora_" in k or k.startswith("value_head.") for k in trainable)
+    run.run_iteration(0)
+    run.run_iteration(1)
+    for name, value in module.named_parameters():
+        moved = not torch.equal(before[name], value.detach())
+        if "lora_B" in name or name.startswith("value_head."):  # (A matrices may stay where B was zero)
+            assert moved, name
+        if name not in trainable:
+            assert not moved, name
+    prompt_ids, rows = run.prompts
+    rollout, _ = online.rollout_for(run, prompt_ids[:2], rows[:2], seed=3, for_update=True)
+    micro = online.make_micro(rollout, [0, 1], torch.device("cpu"))
+    with torch.no_grad():
+        hidden = module.hidden(micro)
+        values = module.values_of(micro, hidden)
+        through_policy = module.value_head(hidden).squeeze(-1)
+    assert (values - through_policy).abs().max() > 1e-6
+    from prefalign.generation import response_logprobs
+
+    fresh = response_logprobs(module.policy, rollout.out)
+    torch.testing.assert_close(rollout.out.logprobs, fresh, atol=1e-5, rtol=0)  # the policy's adapter samples
+
+    ppo.train(ppo_config(on_path, tiny_model_dir, "critic-whole", iterations=4, **common))
+    ppo.train(ppo_config(on_path, tiny_model_dir, "critic-parts", iterations=2, save_every=2, **common))
+    ppo.train(ppo_config(on_path, tiny_model_dir, "critic-parts", iterations=4, resume=True, **common))
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors", "value_head.safetensors",
+                 f"adapter/{CRITIC_ADAPTER}/adapter_model.safetensors"):  # fmt: skip
+        a, b = load_file(on_path / "critic-whole" / name), load_file(on_path / "critic-parts" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(ConfigError, match="--value-model with --lora-r"):
+        ppo_config(
+            on_path, tiny_model_dir, "refused", shared_value_head=False, value_model=str(tiny_model_dir)
+        )
 
 
 def test_lora_targets_are_checked(on_path, tiny_model_dir):

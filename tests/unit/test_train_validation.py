@@ -207,8 +207,8 @@ def test_every_command_checks_report_sinks_before_anything_loads(tmp_path, monke
 @pytest.mark.parametrize("command", ["ppo", "grpo", "rloo"])
 def test_online_commands_take_lora_and_refuse_what_they_cannot_honour(capsys, tmp_path, command):
     """--lora-r, --lora-alpha, --lora-dropout and --lora-targets configure the online methods' adapters;
-    for PPO, a separate critic (a second adapter, not built yet) is refused with exit 2 before anything
-    is written."""
+    for PPO, a critic model beside LoRA (the critic is then a second adapter) is refused with exit 2
+    before anything is written."""
     from prefalign.config import ConfigError
 
     head = {"shared_value_head": True} if command == "ppo" else {}
@@ -225,9 +225,9 @@ def test_online_commands_take_lora_and_refuse_what_they_cannot_honour(capsys, tm
         _configs()[command](output=str(tmp_path / "out"), lora_r=4, lora_dropout=1.0, **head)
     args = [command, "--model", "m", "--prompts", "p", "--output", str(tmp_path / "out")]
     if command == "ppo":
-        code = main([*args, "--reward", "sentiment", "--lora-r", "4", "--no-progress"])
+        code = main([*args, "--reward", "sentiment", "--lora-r", "4", "--value-model", "m", "--no-progress"])
         err = capsys.readouterr().err
-        assert code == 2 and "--lora-r with a separate critic" in err, err
+        assert code == 2 and "--value-model with --lora-r" in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -25,9 +25,12 @@ from prefalign.models.commands import (
     add_commands,
 )
 from prefalign.models.loading import (
+    CRITIC_ADAPTER,
     DTYPES,
     LoraSettings,
+    adapter_active,
     adapter_disabled,
+    add_critic_adapter,
     apply_lora,
     backbone_and_head,
     cpu_has_bf16,
@@ -66,7 +69,10 @@ __all__ = [
     "ModelError",
     "ModelsFetchConfig",
     "add_commands",
+    "CRITIC_ADAPTER",
+    "adapter_active",
     "adapter_disabled",
+    "add_critic_adapter",
     "apply_lora",
     "backbone_and_head",
     "builtin_names",

@@ -441,7 +441,59 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> Any:
         raise ModelError(f"LoRA target_modules={settings.target_modules!r}: {err}") from None
 
 
+CRITIC_ADAPTER = "critic"
+"""Name of PPO's critic adapter beside the policy's own (``default``) on one LoRA model."""
+
+
+def add_critic_adapter(model: Any, settings: LoraSettings) -> None:
+    """Give the LoRA model ``model`` a second adapter, :data:`CRITIC_ADAPTER`, on the same layers and base
+    weights (PPO's separate critic without a second model); the policy's adapter stays the active one, and
+    both train."""
+    from peft import LoraConfig
+
+    first = model.peft_config["default"]
+    model.add_adapter(
+        CRITIC_ADAPTER,
+        LoraConfig(
+            r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+            target_modules=first.target_modules, task_type=first.task_type,
+        ),
+    )  # fmt: skip
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def adapter_active(model: torch.nn.Module, name: str) -> Any:
+    """Context in which every LoRA layer of ``model`` computes with the adapter ``name`` instead of the
+    active one; which parameters train is left as it is (peft's ``set_adapter`` would freeze the others)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before, strict=True):
+            m._active_adapter = value
+
+
+@contextlib.contextmanager
 def adapter_disabled(model: torch.nn.Module) -> Any:
-    """Context in which a LoRA model computes with its base weights (a no-op for other models)."""
+    """Context in which a LoRA model computes with its base weights (a no-op for other models). Which
+    parameters train is as before afterwards (peft re-enabling its adapters would freeze all but the
+    active one: PPO's critic adapter among them)."""
     inner = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    return inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
+    if not hasattr(inner, "disable_adapter"):
+        yield
+        return
+    trains = [(p, p.requires_grad) for p in inner.parameters()]
+    try:
+        with inner.disable_adapter():
+            yield
+    finally:
+        for p, flag in trains:
+            p.requires_grad_(flag)

@@ -188,13 +188,18 @@ class PolicyWithValue(PolicyLogits):
     """The policy and its critic as one module (one optimiser, one DDP wrapper).
 
     The critic is either a separate sequence classifier (its own transformer; values from its scalar
-    head at every position) or a scalar head on the policy's own last hidden states (``shared``: one
-    transformer pass gives both logits and values).
+    head at every position), a scalar head on the policy's own last hidden states (``shared``: one
+    transformer pass gives both logits and values), or, for a LoRA policy, a second adapter
+    (``critic_adapter``) on the same base weights with its own scalar head: a separate critic without a
+    second model in memory (its pass runs the base with the critic's adapter in place of the policy's).
     """
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None) -> None:
+    def __init__(
+        self, policy: nn.Module, value_model: nn.Module | None = None, critic_adapter: str | None = None
+    ) -> None:
         super().__init__(policy)
         self.value_model = value_model
+        self.critic_adapter = critic_adapter
         if value_model is None:
             hidden = policy.get_output_embeddings().weight.shape[1]
             self.value_head = nn.Linear(hidden, 1).to(policy.get_output_embeddings().weight.dtype)
@@ -211,8 +216,15 @@ class PolicyWithValue(PolicyLogits):
         logits = self.head_output(hidden, temperature, targets)
         return logits, (self.values_of(micro, hidden) if with_values else None)
 
-    def values_of(self, micro: Micro, hidden: Tensor) -> Tensor | None:
-        """Values ``[b, R']``: the trunk head on ``hidden``, or the separate critic's own pass."""
+    def values_of(self, micro: Micro, hidden: Tensor | None) -> Tensor | None:
+        """Values ``[b, R']``: the trunk head on ``hidden`` (the policy's hidden states), or the critic's
+        own pass (a separate model, or the base with the critic's adapter)."""
+        if self.critic_adapter is not None:
+            from prefalign.models import adapter_active
+
+            with adapter_active(self.policy, self.critic_adapter):
+                own = PolicyLogits.hidden(self, micro)
+            return self.value_head(own).squeeze(-1).float()
         if self.value_head is not None:
             return self.value_head(hidden).squeeze(-1).float()
         from prefalign.models import token_scores
@@ -254,16 +266,17 @@ def sampler_pass(module: nn.Module, rollout: Rollout, plans: list[list[int]], de
     if module.value_head is None and getattr(module, "value_model", None) is None:
         return  # (no critic: GRPO, RLOO)
     with torch.no_grad():
-        if module.value_head is not None:
+        if module.value_head is not None and getattr(module, "critic_adapter", None) is None:
             rollout.values = (module.value_head(out.hidden).squeeze(-1).float() * out.response_mask).cpu()
             return
-        from prefalign.models import token_scores
-
         rollout.values = torch.zeros(out.response_ids.shape)
+        was_training = module.training
+        module.eval()
         for rows in plans:
             micro = make_micro(rollout, rows, device)
-            values = token_scores(module.value_model, micro.input_ids, micro.attention_mask)
-            rollout.values[rows, : micro.width] = (values[:, -(micro.width + 1) : -1] * micro.mask).cpu()
+            values = module.values_of(micro, None)
+            rollout.values[rows, : micro.width] = (values * micro.mask).cpu()
+        module.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------

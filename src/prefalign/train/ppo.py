@@ -43,7 +43,8 @@ class PPOConfig(online.OnlineConfig):
     kl_estimator: str = "k1"
     """Per-token KL estimator in the reward: k1 (log-ratio), k2 or k3 (GRPO always uses k3, RLOO k1)."""
     value_model: str | None = None
-    """Critic to start from (default: the reward model when there is one, else the policy), a separate model."""
+    """Critic to start from (default: the reward model when there is one, else the policy), a separate model.
+    With --lora-r the critic is instead a second LoRA adapter (and its head) on the policy's base weights."""
     shared_value_head: bool = False
     """Use a scalar head on the policy's own trunk as the critic instead of a separate model: one model
     fewer in memory and one transformer pass fewer per step, the cheap choice on a CPU. Off by default
@@ -76,9 +77,9 @@ class PPOConfig(online.OnlineConfig):
             (self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}"),
             (not (self.shared_value_head and self.value_model), "give --value-model or --shared-value-head, not both"),
             (
-                not self.lora_r or self.shared_value_head,
-                "--lora-r with a separate critic is not supported yet (it would be a second adapter on the same "
-                "base weights): add --shared-value-head (the value head then trains beside the policy's adapter)",
+                not (self.lora_r and self.value_model),
+                "--value-model with --lora-r: the critic is then a second adapter on the policy's base weights "
+                "(it starts from them); leave out --value-model",
             ),
         ]  # fmt: skip
         for ok, message in checks:
@@ -243,18 +244,22 @@ def load_models(
     config: PPOConfig, model: nn.Module | None, device: Any
 ) -> tuple[online.PolicyWithValue, nn.Module]:
     """The policy with its critic, and the frozen reference."""
-    from prefalign.models import load_value_model
+    from prefalign.models import CRITIC_ADAPTER, add_critic_adapter, load_value_model
 
     policy = online.load_policy(config, model)
-    critic = None
-    if not config.shared_value_head:
+    critic = adapter = None
+    lora = config.lora_settings()
+    if not config.shared_value_head and lora is not None:  # a second adapter on the same base weights
+        add_critic_adapter(policy, lora)
+        adapter = CRITIC_ADAPTER
+    elif not config.shared_value_head:
         critic = load_value_model(
             config.value_model or config.reward_model or config.model,
             dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
         )
     reference = online.load_reference(config, device)
-    return online.PolicyWithValue(policy, critic).to(device), reference
+    return online.PolicyWithValue(policy, critic, adapter).to(device), reference
 
 
 def setup(config: PPOConfig, model: nn.Module | None = None, tokenizer: Any = None) -> PPORun:
