@@ -253,10 +253,12 @@ def frontier_plot(points: Sequence[dict[str, Any]]) -> bytes:
 
 
 def _error_bars(points: Sequence[dict[str, Any]], key: str) -> list[list[float]]:
-    """Matplotlib's ``[[below], [above]]`` distances from each point's value to its interval's ends."""
+    """Matplotlib's ``[[below], [above]]`` distances from each point's value to its interval's ends (never
+    negative: an exact value, such as Best-of-N's analytic KL, has an interval of zero width that float
+    rounding can put a hair to either side of the value)."""
     ends = [interval(p, key) for p in points]
-    return [[p[key] - lo for p, (lo, _) in zip(points, ends, strict=True)],
-            [hi - p[key] for p, (_, hi) in zip(points, ends, strict=True)]]  # fmt: skip
+    return [[max(0.0, p[key] - lo) for p, (lo, _) in zip(points, ends, strict=True)],
+            [max(0.0, hi - p[key]) for p, (_, hi) in zip(points, ends, strict=True)]]  # fmt: skip
 
 
 CURVES = {

@@ -17,7 +17,7 @@ from prefalign.evaluate import (
     result_from_records,
     sequence_kl,
 )
-from prefalign.report import frontier_sentence
+from prefalign.report import _error_bars, frontier_plot, frontier_sentence
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -176,6 +176,48 @@ def test_a_difference_inside_the_intervals_is_called_noise():
     assert frontier_sentence([_pt("dpo", 1.0, 0.45), _pt("ppo", 2.0, 0.40)]).startswith(
         "Here DPO's frontier dominates PPO's"
     )
+
+
+def test_an_exact_value_whose_interval_rounds_past_it_draws_no_negative_error_bar():
+    """Best-of-N's KL is analytic: its interval has zero width, and float rounding can put its ends a
+    hair above the value (a frontier run once failed at the plot on 0.6362943611198907 > ...906)."""
+    kl = 0.6362943611198906
+    point = {**_pt("best-of-4", kl, 0.3), "kl_ci": [0.6362943611198907] * 2}
+    below, above = _error_bars([point], "kl")
+    assert below == [0.0] and above == [pytest.approx(1e-16, abs=1e-15)]
+    assert frontier_plot([_pt("reference", 0.0, 0.2), point]).startswith(b"\x89PNG")
+
+
+def test_the_kl_sweep_moves_its_coefficient_within_a_laptop_run(tmp_path, monkeypatch):
+    """Each ppo-kl run hands the trainer a controller horizon of one iteration's rollouts: with the
+    trainer's 10000-sample default a 24-iteration run of 16 rollouts moves its coefficient under 1%, and
+    targets 2, 6 and 12 gave three identical runs."""
+    from prefalign.demo import methods
+    from prefalign.demo.config import config_for_preset
+    from prefalign.kl import AdaptiveKLController
+
+    seen = {}
+    monkeypatch.setattr(
+        methods, "online", lambda demo, name, kind, prefs, learned, options: seen.update({name: options})
+    )
+    demo = type("D", (), {"config": config_for_preset("frontier")})()
+    for name, run in methods.method_runs(demo, "ppo-kl-sweep", prefs={}):
+        run(name)
+    assert sorted(seen) == ["ppo-kl0.25", "ppo-kl1", "ppo-kl4"]
+    assert {o["kl_horizon"] for o in seen.values()} == {16}
+    # a KL of 1 nat held for 24 iterations: the three targets end at clearly different coefficients
+    ends = []
+    for o in seen.values():
+        ctl = AdaptiveKLController(0.05, o["target_kl"], o["kl_horizon"])
+        for _ in range(24):
+            ctl.update(1.0, 16)
+        ends.append(ctl.value)
+    assert max(ends) / min(ends) > 100
+    # the main PPO run keeps its fixed coefficient: no target, no horizon
+    seen.clear()
+    for name, run in methods.method_runs(demo, "ppo", prefs={}):
+        run(name)
+    assert seen["ppo"]["target_kl"] is None and "kl_horizon" not in seen["ppo"]
 
 
 def test_phase_is_complete_only_with_the_same_inputs(tmp_path):

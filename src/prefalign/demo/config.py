@@ -98,8 +98,13 @@ class DemoConfig:
     """PPO's KL penalty coefficient (its start value when a target KL is set)."""
     ppo_target_kl: float | None = None
     """Adapt the KL coefficient toward this sequence KL in the main PPO run (None: fixed coefficient)."""
-    ppo_target_kls: list[float] = field(default_factory=lambda: [2.0, 6.0, 12.0])
-    """Target KLs of the ppo-kl-sweep method."""
+    ppo_target_kls: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])
+    """Target KLs of the ppo-kl-sweep method: at this scale PPO's sequence KL stays near 1 nat, so targets on
+    either side of it pull the coefficient apart (targets all far above it would all shrink it alike)."""
+    ppo_kl_horizon: int | None = None
+    """Adaptive KL controller horizon in samples (None: one iteration's rollouts, so the coefficient can move
+    up to 20% per iteration; the trainer's default of 10000 samples suits runs of 10^5 samples and would
+    leave a 24-iteration run's coefficient within 1% of its start, making every target the same run)."""
     ppo_shared_value_head: bool = True
     """PPO critic as a scalar head on the policy's trunk (cheap on a CPU) instead of a separate model."""
     best_of: list[int] = field(default_factory=lambda: [4, 16])
@@ -126,6 +131,14 @@ class DemoConfig:
                 "preference_prompts must exceed heldout_prompts",
             ),
             (all(n >= 1 for n in self.best_of), f"best_of values must be >= 1, got {self.best_of}"),
+            (
+                all(t > 0 for t in self.ppo_target_kls),
+                f"ppo_target_kls must be > 0, got {self.ppo_target_kls}",
+            ),
+            (
+                self.ppo_kl_horizon is None or self.ppo_kl_horizon >= 1,
+                f"ppo_kl_horizon must be >= 1, got {self.ppo_kl_horizon}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

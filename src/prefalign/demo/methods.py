@@ -168,7 +168,9 @@ def reward_model(demo: Demo, prefs: dict[str, Any]) -> dict[str, Any]:
 def ppo(demo: Demo, name: str, prefs: dict[str, Any], target_kl: float | None, learned: bool) -> None:
     """PPO against the learned reward model (RLHF) or, for ppo-gt, against the ground truth itself."""
     c = demo.config
-    options = {"target_kl": target_kl, "shared_value_head": c.ppo_shared_value_head}
+    options: dict[str, Any] = {"target_kl": target_kl, "shared_value_head": c.ppo_shared_value_head}
+    if target_kl is not None:
+        options["kl_horizon"] = c.ppo_kl_horizon or c.ppo_rollout_batch
     options |= {"ppo_epochs": c.ppo_epochs, "minibatches": c.ppo_minibatches}
     online(demo, name, "ppo", prefs, learned, options)
 

@@ -135,8 +135,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     if config.preset == "frontier":
         say(
             "The frontier preset trains "
-            f"{len(config.dpo_betas) + len(config.ppo_target_kls) + 4} models and evaluates each "
-            f"{config.evals_per_run} times: expect one and a half to two hours on a 2-core CPU (a GPU is used when there is one)."
+            f"{len(config.dpo_betas) + len(config.ppo_target_kls) + 6} policies and a reward model, evaluates each "
+            f"{config.evals_per_run} times and draws Best-of-N: expect one and a half to two hours on a 2-core CPU (a GPU is used when there is one)."
         )
     return Demo(config).run()
 
