@@ -176,6 +176,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += " (required)"
         elif default is not None and default != "":
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if inner is bool:
             parser.add_argument(
                 flag,

@@ -72,3 +72,23 @@ def test_example_ppo_config_is_valid():
 
     cfg = build_config(PPOConfig, REPO / "configs" / "ppo.yaml", {"prompts": "p.jsonl", "output": "runs/x"})
     assert cfg.reward == "sentiment" and cfg.raw and cfg.shared_value_head and cfg.iterations == 30
+
+
+def _all_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*path, name))
+
+
+def test_every_commands_help_is_formatted_whole():
+    """A field docstring with a % ("about 15% right") once made argparse print its own internals in place
+    of `prefalign tasks arithmetic --help`: every command's help must format without that."""
+    parsers = list(_all_parsers(build_parser()))
+    assert len(parsers) > 15
+    for path, parser in parsers:
+        text = parser.format_help()
+        assert "option_strings" not in text, path
+    tasks = dict(parsers)[("tasks", "arithmetic")].format_help()
+    assert "about 15% right" in " ".join(tasks.split())
