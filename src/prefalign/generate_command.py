@@ -165,7 +165,8 @@ def run_generate(config: GenerateConfig) -> list[dict[str, Any]]:
     """Load the model, sample ``num_samples`` responses per prompt and return one record per response.
 
     Each record: ``prompt`` (as given), ``sample`` (0-based), ``response`` (text), ``num_tokens``,
-    ``finished`` (ended with a stop token) and ``logprob`` (sum of the response's token log-probs).
+    ``finished`` (ended with a stop token) and ``logprob`` (sum of the response's token log-probs), after
+    the prompt row's other columns (an ``answer`` travels on to ``prefalign score --reward accuracy``).
     """
     from prefalign.data import encode_prompt, load_prompts
     from prefalign.models import load_config, load_policy, load_tokenizer, resolve_model
@@ -205,8 +206,10 @@ def run_generate(config: GenerateConfig) -> list[dict[str, Any]]:
         len(expanded),
         time.perf_counter() - start,
     )
+    generated = ("sample", "response", "num_tokens", "finished", "logprob")
     return [
         {
+            **{c: v for c, v in row.items() if c not in generated},  # the row's other columns (an answer)
             "prompt": row["prompt"],
             "sample": k,
             "response": text,

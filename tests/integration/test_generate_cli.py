@@ -45,6 +45,22 @@ def test_prompts_file_to_jsonl(model_dir, assets, tmp_path):
     assert again.read_text() == out.read_text()  # same seed, same prompts, same batch size: same samples
 
 
+def test_a_prompts_other_columns_travel_to_score(model_dir, tmp_path):
+    """tasks -> generate -> score --reward accuracy: each response keeps its prompt's answer, so the
+    held-out accuracy of a model is two commands."""
+    problems, samples, scored = tmp_path / "math.jsonl", tmp_path / "samples.jsonl", tmp_path / "scored.jsonl"
+    assert main(["tasks", "arithmetic", "--n", "3", "--seed", "0", "--output", str(problems)]) == 0
+    args = ["generate", "--model", str(model_dir), "--prompts", str(problems), "--num-samples", "2"]
+    assert main([*args, "--max-new-tokens", "4", "--seed", "0", "--output", str(samples)]) == 0
+    answers = [r["answer"] for r in _read(problems)]
+    rows = _read(samples)
+    assert [r["answer"] for r in rows] == [a for a in answers for _ in range(2)]
+    assert main(["score", "--data", str(samples), "--output", str(scored), "--reward", "accuracy"]) == 0
+    out = _read(scored)
+    assert [r["answer"] for r in out] == [r["answer"] for r in rows]
+    assert all(r["reward"] in (0.0, 1.0) for r in out)  # a random tiny model's words, scored against them
+
+
 def test_single_prompt_prints_the_greedy_response(model_dir, capsys, caplog):
     """With temperature 0 the printed text is exactly the Python API's greedy response to the templated
     prompt; the model-loading time is logged."""
