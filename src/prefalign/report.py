@@ -221,32 +221,72 @@ def _pyplot() -> Any:
     return plt
 
 
+FAMILIES = (("dpo", "Blues"), ("ppo-kl", "Oranges"), ("ppo", "Reds"), ("best-of-", "Purples"))
+"""Colour maps of the method families a sweep draws several runs of (matched by name prefix, in order)."""
+SINGLE_COLOURS = {"preferred-ft": "tab:olive", "ppo-gt": "tab:gray", "grpo": "tab:green", "rloo": "tab:cyan"}
+
+
+def _method_colours(methods: Sequence[str]) -> dict[str, Any]:
+    """One colour per method: a sweep's runs in shades of their family's colour map (DPO blue, PPO red,
+    its KL sweep orange, Best-of-N purple), the other methods in colours of their own."""
+    import matplotlib
+
+    colours: dict[str, Any] = {"reference": "black"}
+    family_of: dict[str, list[str]] = {}
+    for m in methods:
+        if m in colours:
+            continue
+        if m in SINGLE_COLOURS:
+            colours[m] = SINGLE_COLOURS[m]
+            continue
+        prefix = next((f for f, _ in FAMILIES if m.startswith(f) and not m.startswith("ppo-gt")), None)
+        family_of.setdefault(prefix or m, []).append(m)
+    fallback = iter(matplotlib.colormaps["tab10"].colors)
+    maps = dict(FAMILIES)
+    for prefix, members in family_of.items():
+        if prefix not in maps:
+            for m in members:
+                colours[m] = next(fallback, "tab:brown")
+            continue
+        cmap = matplotlib.colormaps[maps[prefix]]
+        for j, m in enumerate(members):
+            colours[m] = cmap(0.95 - 0.4 * j / max(1, len(members) - 1)) if len(members) > 1 else cmap(0.75)
+    return colours
+
+
 def frontier_plot(points: Sequence[dict[str, Any]]) -> bytes:
-    """Reward vs KL: one colour per method, each method's checkpoints joined in training order."""
+    """Reward vs KL: each method's checkpoints joined in training order, a sweep's runs in shades of one
+    colour, Best-of-N as lone diamonds; the legend beside the axes so that it hides no point."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     by_method: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         by_method.setdefault(p["method"], []).append(p)
-    colours = plt.get_cmap("tab10")
+    many = len(by_method) > 6
+    fig, ax = plt.subplots(figsize=(8.6, 5.0) if many else (6.4, 4.4))
+    colours = _method_colours(list(by_method))
     start = by_method.get("reference", [])[:1]
-    for i, (method, pts) in enumerate(by_method.items()):
+    for method, pts in by_method.items():
         pts = sorted(pts, key=lambda p: p.get("step", 0))
-        if method != "reference" and pts[0].get("step", 0) > 0:
+        if method != "reference" and not method.startswith("best-of-") and pts[0].get("step", 0) > 0:
             pts = start + pts  # training starts at the reference
         label = METHOD_LABELS.get(method, method)
         xerr, yerr = _error_bars(pts, "kl"), _error_bars(pts, "reward")
+        xs, ys = [p["kl"] for p in pts], [p["reward"] for p in pts]
         if method == "reference":
-            ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], xerr=xerr, yerr=yerr, fmt="*",
-                        markersize=13, color="black", capsize=3, label=label, zorder=3)  # fmt: skip
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="*", markersize=13, color="black", capsize=3,
+                        label=label, zorder=3)  # fmt: skip
             continue
-        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], xerr=xerr, yerr=yerr, marker="o",
-                    color=colours(i % 10), capsize=3, label=label)  # fmt: skip
+        fmt = "D" if method.startswith("best-of-") else "-o"
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=fmt, color=colours[method], capsize=2.5, markersize=5,
+                    elinewidth=0.8, alpha=0.9, label=label)  # fmt: skip
     ax.set_xlabel("sequence KL(pi || pi_ref), nats (mean over test prompts)")
     ax.set_ylabel("mean reward (VADER compound)")
     ax.set_title("Reward vs KL along training (95% bootstrap intervals; lines start at the reference)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     png = _figure_png(fig)
     plt.close(fig)
     return png
@@ -409,10 +449,20 @@ def _facts(summary: dict[str, Any]) -> list[str]:
         facts.append(
             "Best-of-N's KL is the analytic log N - (N-1)/N; its own log-probabilities are intractable."
         )
-    facts.append(
-        f"Total wall time {summary['wall_s']:.0f} s on {summary['environment']['device']} "
-        f"({summary['environment']['torch_threads']} torch threads); phase timings below."
-    )
+    env = summary["environment"]
+    phases = summary.get("phases", {})
+    if any(p.get("skipped") for p in phases.values()):  # a rerun: say what the whole run cost, not this call
+        total = sum(p["wall_s"] for p in phases.values())
+        facts.append(
+            f"The phases took {total:.0f} s in all on {env['device']} ({env['torch_threads']} torch threads), "
+            f"{sum(1 for p in phases.values() if p.get('skipped'))} of them in an earlier invocation; this one "
+            f"took {summary['wall_s']:.0f} s. Phase timings below."
+        )
+    else:
+        facts.append(
+            f"Total wall time {summary['wall_s']:.0f} s on {env['device']} ({env['torch_threads']} torch "
+            "threads); phase timings below."
+        )
     return facts
 
 

@@ -30,3 +30,24 @@ def test_grpo_raises_held_out_sentiment_on_smollm2(tmp_path, command):
     before, after = summary["eval_start"]["eval/scores"], summary["eval"]["eval/scores"]
     assert after > before + 0.1, (before, after)
     assert summary["eval"]["eval/kl"] < 20
+
+
+def test_grpo_with_the_accuracy_reward_raises_held_out_arithmetic_accuracy_on_smollm2(tmp_path):
+    """The bundled task end to end: `tasks arithmetic` problems with an answer column, `--reward accuracy`
+    against it, 10 iterations of 4 problems x 8 samples of 32 tokens at lr 1e-5 (about 2 minutes on 2 quiet
+    cores). Accuracy on 64 held-out problems training never saw must rise by > 0.1 (the README's 50-iteration
+    run, 128 held-out problems: 0.125 before, 0.398 after 10 iterations)."""
+    from prefalign.tasks import arithmetic_problems
+
+    train = arithmetic_problems(1000, seed=0)
+    heldout = arithmetic_problems(64, seed=1, exclude=frozenset(p["prompt"] for p in train))
+    for name, rows in (("train", train), ("heldout", heldout)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = grpo.GRPOConfig(
+        model="smollm2", prompts=str(tmp_path / "train.jsonl"), eval_prompts=str(tmp_path / "heldout.jsonl"),
+        output=str(tmp_path / "run"), reward=["accuracy"], rollout_batch=4, num_generations=8,
+        response_length=32, iterations=10, lr=1e-5, seed=0, progress=False,
+    )  # fmt: skip
+    summary = grpo.train(config)
+    before, after = summary["eval_start"]["eval/scores"], summary["eval"]["eval/scores"]
+    assert after > before + 0.1, (before, after)

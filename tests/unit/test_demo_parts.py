@@ -232,3 +232,17 @@ def test_phase_is_complete_only_with_the_same_inputs(tmp_path):
     assert changed.completed() is None
     changed.reset(tmp_path)  # a rerun removes the old samples of this phase
     assert not (tmp_path / "samples" / "x-step-1.jsonl").exists()
+
+
+def test_a_resumed_run_reports_what_all_its_phases_cost():
+    """A rerun that skips complete phases took seconds itself; the report gives the phases' sum as well."""
+    from prefalign.report import _facts
+
+    env = {"device": "cpu", "torch_threads": 2}
+    phases = {"dpo": {"wall_s": 600.0, "skipped": True}, "ppo": {"wall_s": 400.4, "skipped": False}}
+    resumed = _facts({"points": [], "methods": [], "wall_s": 410.0, "environment": env, "phases": phases})[-1]
+    assert resumed.startswith("The phases took 1000 s in all on cpu") and "1 of them in an earlier" in resumed
+    assert "this one took 410 s" in resumed
+    phases["dpo"]["skipped"] = False
+    fresh = _facts({"points": [], "methods": [], "wall_s": 1001.0, "environment": env, "phases": phases})[-1]
+    assert fresh.startswith("Total wall time 1001 s on cpu")
