@@ -74,6 +74,11 @@ def flat_for_the(prompts, completions):
     response's position in the batch (all different)."""
     return [1.0 if p.startswith("The") else float(i) for i, p in enumerate(prompts)]
 
+def position(prompts, completions):
+    """The response's position in the batch: every group's rewards differ, whatever was sampled, so every
+    GRPO/RLOO advantage is non-zero and every update moves the weights."""
+    return [float(i) for i in range(len(completions))]
+
 def wrong_count(prompts, completions):
     return [0.0]
 '''

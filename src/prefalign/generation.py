@@ -305,13 +305,19 @@ def _top_p_filter(scores: Tensor, top_p: float, first_k: int = 256) -> Tensor:
 
 
 def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One draw per row of ``probs [B, V]``: ``argmax(p / E)`` with ``E ~ Exponential(1)``.
+    """One draw per row of ``probs [B, V]`` (unnormalised, non-negative), with ``P(i) = p_i / sum(p)``.
 
-    ``P(argmax = i) = p_i / sum(p)`` (the exponential race; equivalent to Gumbel-max), exact like
-    ``torch.multinomial`` and faster on large vocabularies.
+    Inverse-CDF sampling: one uniform per row against the row's cumulative sums (in float64, so rounding
+    cannot move a draw by more than ~1e-16 of the mass). It needs B random numbers per token where the
+    exponential race (``argmax(p / E)``) needed B x V; on a 49,152-entry vocabulary that race was a fifth of
+    the sampler's time on a CPU. A token of probability 0 has an empty interval and is never drawn.
     """
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(-1)
+    cdf = probs.to(torch.float64).cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    positive = probs > 0  # u * total can round up to the total itself: stay on the last possible token
+    last = probs.shape[-1] - 1 - positive.flip(-1).to(torch.uint8).argmax(-1)
+    return torch.minimum(index, last)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

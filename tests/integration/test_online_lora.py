@@ -48,6 +48,14 @@ online.sample_iteration = sample_iteration
 
 def share_of_e(prompts, completions, **columns):
     return [c.count("e") / max(len(c), 1) for c in completions]
+
+
+def share_of_e_apart(prompts, completions, **columns):
+    # share_of_e plus pi/10 for a group's second sample: the two never tie, whatever was sampled (a tied
+    # group has advantages 0 and leaves only rounding in the gradient, which Adam turns into a full step)
+    import math
+
+    return [c.count("e") / max(len(c), 1) + math.pi / 10 * (i % 2) for i, c in enumerate(completions)]
 """
 
 
@@ -288,7 +296,7 @@ def test_a_two_process_lora_run_equals_a_one_process_run(workdir, tiny_model_dir
 
     (workdir / "fixed_samples.py").write_text(FIXED_SAMPLES)
     args = [sys.executable, "-m", "prefalign", "grpo", "--model", str(tiny_model_dir), "--prompts"]
-    args += [str(workdir / "prompts.jsonl"), "--reward", "fixed_samples:share_of_e", "--raw"]
+    args += [str(workdir / "prompts.jsonl"), "--reward", "fixed_samples:share_of_e_apart", "--raw"]
     args += ["--rollout-batch", "4", "--num-generations", "2", "--response-length", "6", "--ppo-epochs", "2"]
     args += ["--iterations", "2", "--lora-r", "4", "--lr", "1e-2", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(workdir), "OMP_NUM_THREADS": "1"}

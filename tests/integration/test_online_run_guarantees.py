@@ -77,6 +77,15 @@ def test_ctrl_c_saves_then_exits_130_and_the_run_resumes(workdir, tiny_model_dir
     assert (out / "model.safetensors").is_file()
 
 
+def moving(argv: list[str]) -> list[str]:
+    """A group method's arguments with the reward that differs within every group: the first update then
+    always moves the weights (at lr 1e30, to where the next forward overflows), whatever was sampled. With
+    share_of_e a group could tie (advantages 0, no update) and the first NaN came an iteration later."""
+    argv = list(argv)
+    argv[argv.index("--reward") + 1] = "synthetic_rewards:position"
+    return argv
+
+
 def all_finite(path: Path) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(str(path)).values())
 
@@ -88,7 +97,7 @@ def test_a_non_finite_iteration_stops_grpo_naming_it_and_saves_no_nan_model(
     run used to go on to the end and save a model of NaNs with exit 0; now it stops with exit 2 naming
     iteration 2, keeps iteration 1's checkpoint (finite) and writes no final model."""
     out = tmp_path / "run"
-    code = main(args("grpo", on_path, tiny_model_dir, out, "--iterations", "3", "--lr", "1e30"))
+    code = main(moving(args("grpo", on_path, tiny_model_dir, out, "--iterations", "3", "--lr", "1e30")))
     err = capsys.readouterr().err
     assert code == 2 and "iteration 2: not finite" in err and "checkpoints/step-1" in err, err
     assert "Traceback" not in err
@@ -115,7 +124,7 @@ def test_skip_nonfinite_skips_the_update_and_counts_it(on_path, tiny_model_dir, 
     finite and the metrics file stays strict JSON."""
     out = tmp_path / "run"
     extra = ("--iterations", "3", "--lr", "1e30", "--skip-nonfinite")
-    assert main(args(command, on_path, tiny_model_dir, out, *extra)) == 0
+    assert main(moving(args(command, on_path, tiny_model_dir, out, *extra))) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("nonfinite_skipped", 0) for r in rows] == [0, 1, 2]
     assert all_finite(out / "model.safetensors")

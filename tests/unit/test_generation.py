@@ -291,6 +291,19 @@ def test_sampler_draws_in_proportion_to_probs():
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.7]), atol=0.01, rtol=0)
 
 
+def test_the_sampler_never_draws_a_token_of_probability_zero():
+    """Masked tokens (top-k, top-p) have probability 0 wherever they sit, the last entries included, and
+    the rows need not sum to 1."""
+    probs = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0, 0.0]]).expand(20_000, 6)
+    draws = _sample(probs, torch.Generator().manual_seed(1))
+    counts = torch.bincount(draws, minlength=6)
+    assert counts[[0, 2, 4, 5]].sum() == 0
+    assert abs(counts[1].item() / 20_000 - 0.75) < 0.015
+    one_hot = torch.zeros(4, 49_152)
+    one_hot[torch.arange(4), torch.tensor([0, 7, 49_151, 30_000])] = 1.0
+    assert _sample(one_hot, torch.Generator().manual_seed(0)).tolist() == [0, 7, 49_151, 30_000]
+
+
 def test_returned_hidden_states_and_entropy_match_a_fresh_forward(tiny_model, tokenizer, prompts):
     """With return_hidden, each response position carries the output layer's input there: the output
     layer applied to it gives the logits of a fresh forward (so a value head on the trunk needs no extra
