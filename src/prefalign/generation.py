@@ -312,12 +312,14 @@ def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     exponential race (``argmax(p / E)``) needed B x V; on a 49,152-entry vocabulary that race was a fifth of
     the sampler's time on a CPU. A token of probability 0 has an empty interval and is never drawn.
     """
-    cdf = probs.to(torch.float64).cumsum(-1)
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
     u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
-    positive = probs > 0  # u * total can round up to the total itself: stay on the last possible token
-    last = probs.shape[-1] - 1 - positive.flip(-1).to(torch.uint8).argmax(-1)
-    return torch.minimum(index, last)
+    past = index == probs.shape[-1]  # u * total rounded up to the total itself (~1e-16 of draws)
+    if bool(past.any()):  # then the last token of positive probability, found only in that rare case
+        last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
+        index = torch.where(past, last, index)
+    return index
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

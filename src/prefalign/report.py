@@ -239,7 +239,7 @@ def _method_colours(methods: Sequence[str]) -> dict[str, Any]:
         if m in SINGLE_COLOURS:
             colours[m] = SINGLE_COLOURS[m]
             continue
-        prefix = next((f for f, _ in FAMILIES if m.startswith(f) and not m.startswith("ppo-gt")), None)
+        prefix = next((f for f, _ in FAMILIES if m.startswith(f)), None)  # (ppo-gt has its own colour)
         family_of.setdefault(prefix or m, []).append(m)
     fallback = iter(matplotlib.colormaps["tab10"].colors)
     maps = dict(FAMILIES)
@@ -450,19 +450,17 @@ def _facts(summary: dict[str, Any]) -> list[str]:
             "Best-of-N's KL is the analytic log N - (N-1)/N; its own log-probabilities are intractable."
         )
     env = summary["environment"]
-    phases = summary.get("phases", {})
-    if any(p.get("skipped") for p in phases.values()):  # a rerun: say what the whole run cost, not this call
-        total = sum(p["wall_s"] for p in phases.values())
+    where = f"on {env['device']} ({env['torch_threads']} torch threads)"
+    phases = summary.get("phases", {}).values()
+    earlier = sum(1 for p in phases if p.get("skipped"))
+    if earlier:  # a rerun: say what the whole run cost, not only this call
+        total = sum(p["wall_s"] for p in phases)
         facts.append(
-            f"The phases took {total:.0f} s in all on {env['device']} ({env['torch_threads']} torch threads), "
-            f"{sum(1 for p in phases.values() if p.get('skipped'))} of them in an earlier invocation; this one "
-            f"took {summary['wall_s']:.0f} s. Phase timings below."
+            f"The phases took {total:.0f} s in all {where}, {earlier} of them in an earlier invocation; "
+            f"this one took {summary['wall_s']:.0f} s. Phase timings below."
         )
     else:
-        facts.append(
-            f"Total wall time {summary['wall_s']:.0f} s on {env['device']} ({env['torch_threads']} torch "
-            "threads); phase timings below."
-        )
+        facts.append(f"Total wall time {summary['wall_s']:.0f} s {where}; phase timings below.")
     return facts
 
 

@@ -55,7 +55,7 @@ def share_of_e_apart(prompts, completions, **columns):
     # group has advantages 0 and leaves only rounding in the gradient, which Adam turns into a full step)
     import math
 
-    return [c.count("e") / max(len(c), 1) + math.pi / 10 * (i % 2) for i, c in enumerate(completions)]
+    return [s + math.pi / 10 * (i % 2) for i, s in enumerate(share_of_e(prompts, completions))]
 """
 
 

@@ -216,6 +216,11 @@ class PolicyWithValue(PolicyLogits):
         logits = self.head_output(hidden, temperature, targets)
         return logits, (self.values_of(micro, hidden) if with_values else None)
 
+    @property
+    def critic_reads_policy_hidden(self) -> bool:
+        """True when the values are the head on the policy's own hidden states (the sampler's suffice)."""
+        return self.value_model is None and self.critic_adapter is None
+
     def values_of(self, micro: Micro, hidden: Tensor | None) -> Tensor | None:
         """Values ``[b, R']``: the trunk head on ``hidden`` (the policy's hidden states), or the critic's
         own pass (a separate model, or the base with the critic's adapter)."""
@@ -266,7 +271,7 @@ def sampler_pass(module: nn.Module, rollout: Rollout, plans: list[list[int]], de
     if module.value_head is None and getattr(module, "value_model", None) is None:
         return  # (no critic: GRPO, RLOO)
     with torch.no_grad():
-        if module.value_head is not None and getattr(module, "critic_adapter", None) is None:
+        if module.critic_reads_policy_hidden:
             rollout.values = (module.value_head(out.hidden).squeeze(-1).float() * out.response_mask).cpu()
             return
         rollout.values = torch.zeros(out.response_ids.shape)
