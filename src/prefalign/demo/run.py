@@ -133,10 +133,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
         return run_seeds(config, run_demo)
     if config.preset == "frontier":
+        one_each = {"preferred-ft", "dpo", "ppo", "ppo-gt", "grpo", "rloo"} & set(config.methods)
+        policies = len(one_each)
+        policies += len(config.dpo_betas) * ("dpo-sweep" in config.methods)
+        policies += len(config.ppo_target_kls) * ("ppo-kl-sweep" in config.methods)
         say(
-            "The frontier preset trains "
-            f"{len(config.dpo_betas) + len(config.ppo_target_kls) + 6} policies and a reward model, evaluates each "
-            f"{config.evals_per_run} times and draws Best-of-N: expect one and a half to two hours on a 2-core CPU (a GPU is used when there is one)."
+            f"The frontier preset trains {policies} policies and a reward model, evaluates each "
+            f"{config.evals_per_run} times and draws Best-of-N: expect about an hour and a half on a 2-core CPU "
+            "(a GPU is used when there is one)."
         )
     return Demo(config).run()
 
