@@ -378,7 +378,7 @@ def test_the_logged_lr_is_the_rate_the_step_used(model_dir, pairs, tmp_path):
 def test_a_run_shorter_than_an_epoch_scores_only_the_pairs_it_uses(model_dir, pairs, tmp_path):
     """Half an epoch of 16 pairs at batch 4: two steps, eight pairs; the precomputed reference table has
     those eight rows and NaN elsewhere (a pair without a reference would make the loss NaN, not wrong)."""
-    from prefalign.train.dpo import build_objective, steps_examples
+    from prefalign.train.dpo import build_objective, reference_pass, steps_examples
     from prefalign.train.loop import load_pairs, step_batches
 
     cfg = config(model_dir, pairs, tmp_path, epochs=0.5, max_steps=None)
@@ -388,6 +388,10 @@ def test_a_run_shorter_than_an_epoch_scores_only_the_pairs_it_uses(model_dir, pa
     assert steps_examples(config(model_dir, pairs, tmp_path, max_steps=None), 16) == list(range(16))
     tok = tiny_tokenizer()
     train_set, held = load_pairs(cfg, tok)
-    objective, _ = build_objective(cfg, train_set, held, model=tiny_causal_lm(tokenizer=tok, hidden_size=64))
+    model = tiny_causal_lm(tokenizer=tok, hidden_size=64)
+    objective, _ = build_objective(cfg, train_set, held, model=model)
     scored = ~objective.ref_logps.isnan().any(-1)
     assert scored.nonzero().flatten().tolist() == used
+    # micro-batched over the used pairs alone, each still gets the log-probs a pass over all pairs gives
+    full = reference_pass(model, train_set, cfg)
+    assert torch.allclose(objective.ref_logps[used], full[used], atol=1e-5, rtol=0)
