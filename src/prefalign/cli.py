@@ -127,6 +127,10 @@ COMMANDS: dict[str, Callable[[], ModuleType]] = {
 """Each sub-command's loader, in the order they appear in `prefalign --help`; the module it returns
 registers the command with ``add_commands(subparsers)``."""
 
+MODEL_COMMANDS = frozenset(COMMANDS) - {"tasks", "models", "rl"}
+"""Commands that run language models: they flush subnormal floats to zero
+(:func:`prefalign.train.precision.flush_subnormals`)."""
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's mistake and are reported without a traceback."""
@@ -183,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config_from_args(args.config_class, args)  # bad options refused once, before any start
             check_before_launch(config, args)
             return relaunch(argv, args)
+        if args.command in MODEL_COMMANDS:
+            from prefalign.train.precision import flush_subnormals
+
+            flush_subnormals()  # before the first parallel region, so every torch thread inherits it
         return int(args.func(args) or 0)
     except user_errors() as err:
         message = f"prefalign {args.command}: error: {err}"

@@ -121,8 +121,9 @@ def train_steps(run: StepRun) -> tuple[dict[str, float], dict[str, float]]:
         KeyboardInterrupt: after Ctrl-C, once a checkpoint of the last finished step is saved.
     """
     from prefalign.packing import recompute_activations
-    from prefalign.train.precision import autocast
+    from prefalign.train.precision import autocast, flush_subnormals
 
+    flush_subnormals()
     model, in_place = run.lean_target()
     with (
         lean_layers(model, in_place),

@@ -1,0 +1,51 @@
+"""Subnormal floats are flushed to zero in every torch thread once a command (or a training run) starts:
+on x86 a matrix product over subnormal operands runs in microcode, 10-100x slower (DPO at beta 5 had
+steps of 53 s instead of 5 from an underflowing loss gradient)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from prefalign import cli
+
+PROBE = """
+import sys, torch
+torch.set_num_threads(2)
+if sys.argv[1] == "flush":
+    from prefalign.train.precision import flush_subnormals
+    flush_subnormals()
+# subnormal float32 bit patterns (exponent 0, mantissa non-zero), built without arithmetic
+tiny = torch.randint(1, 2**23, (256, 512), dtype=torch.int32).view(torch.float32)
+out = tiny @ torch.ones(512, 384)  # rows split over the threads
+print(int((out != 0).sum()), out.numel())
+"""
+
+
+def _nonzero(mode: str) -> tuple[int, int]:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    nonzero, total = map(int, done.stdout.split())
+    return nonzero, total
+
+
+def test_flushing_zeroes_subnormal_products_in_every_thread():
+    """Without the mode a product of subnormals is a (slow) non-zero subnormal; with it every output of a
+    two-thread product is zero, the rows computed by the intra-op worker included."""
+    nonzero, total = _nonzero("keep")
+    if nonzero == 0:
+        pytest.skip("this CPU flushes subnormals already")
+    assert nonzero == total
+    assert _nonzero("flush") == (0, total)
+
+
+def test_model_commands_flush_before_they_run(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("prefalign.train.precision.flush_subnormals", lambda: calls.append("flush"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "The film was", "completion": " wonderful."}\n')
+    out = tmp_path / "scored.jsonl"
+    assert cli.main(["score", "--data", str(rows), "--reward", "sentiment", "--output", str(out)]) == 0
+    assert calls == ["flush"] and out.exists()
+    assert {"sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "generate", "demo"} <= cli.MODEL_COMMANDS
