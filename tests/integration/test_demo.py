@@ -83,7 +83,8 @@ def test_every_point_is_the_mean_of_its_samples_file_with_vader_recomputed_from_
         assert set(p) >= {"method", "checkpoint", "reward", "kl", "samples"}
         assert p["samples"] == f"samples/{p['method']}-{p['checkpoint']}.jsonl"
         rows = [json.loads(line) for line in (run / p["samples"]).read_text().splitlines()]
-        assert len(rows) == 16  # the smoke preset's test prompts
+        # the smoke preset's 16 test prompts, K samples each
+        assert len(rows) == 16 * summary["config"]["eval_samples"]
         rewards = [
             vader.polarity_scores(r["completion"])["compound"] if r["completion"].strip() else 0.0
             for r in rows
@@ -109,9 +110,11 @@ def test_at_least_three_points_along_each_training_and_the_reference_has_zero_kl
 def test_all_methods_are_evaluated_on_the_same_prompts_in_the_same_order(smoke):
     run = smoke[0]
     _, test = load_demo_prompts(None)
+    k = _summary(run)["config"]["eval_samples"]
     for path in (run / "samples").glob("*.jsonl"):
-        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
-        assert prompts == test[:16], path.name
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == [p for p in test[:16] for _ in range(k)], path.name
+        assert [r["prompt_index"] for r in rows] == [i for i in range(16) for _ in range(k)], path.name
 
 
 def test_html_report_is_self_contained_with_decodable_embedded_pngs(smoke):
@@ -217,6 +220,18 @@ def test_sft_step_becomes_the_reference(tmp_path):
     dpo_config = yaml.safe_load((run / "runs" / "dpo" / "config.yaml").read_text())
     assert dpo_config["model"] == str(run / "runs" / "sft")
     assert [m["method"] for m in _summary(run)["methods"]] == ["reference", "dpo"]
+
+
+def test_a_phase_two_methods_share_runs_once_and_counts_as_this_invocations(tmp_path):
+    """PPO and Best-of-N both use the reward model: it trains once, and the record of a fresh run says
+    so (it once read as skipped, and the report then said a phase came from an earlier invocation)."""
+    run = tmp_path / "run"
+    args = ["demo", "--preset", "smoke", "--output", str(run), "--no-progress", "--methods", "ppo,best-of-n"]
+    assert main(args) == 0
+    phases = _summary(run)["phases"]
+    assert "best-of-2" in phases and phases["reward-model"]["skipped"] is False
+    assert not any(p["skipped"] for p in phases.values())
+    assert "earlier invocation" not in (run / "report.md").read_text()
 
 
 def test_presets_and_flags():

@@ -27,7 +27,8 @@ class DemoConfig:
     output: str = "runs/demo"
     """Run folder: report.html, report.md, summary.json, samples/, one folder per phase."""
     preset: str = "default"
-    """default (about 15 minutes on a laptop CPU), frontier (the paper's Figure 2 sweep; about 95 minutes on a 2-core CPU) or
+    """default (about 13 minutes on a 2-core CPU, budgeted for 25 on one twice as slow), frontier (the paper's
+    Figure 2 sweep; about 85 minutes on a 2-core CPU) or
     smoke (a tiny random model, under a minute). Options given explicitly override the preset's values."""
     model: str = "smollm2"
     """Starting policy and reference: a builtin name, local folder or hub id (smoke: a tiny random model)."""
@@ -45,11 +46,11 @@ class DemoConfig:
     """Where models run (cpu, cuda); default: cuda if available, else cpu."""
     max_new_tokens: int = 32
     """Length of every continuation: preference samples, evaluation samples and PPO rollouts."""
-    sample_batch_size: int = 64
+    sample_batch_size: int = 128
     """Prompts sampled together when building preferences and evaluating."""
     test_prompts: int = 0
     """Test prompts each evaluation samples (0: the whole test split)."""
-    eval_samples: int = 1
+    eval_samples: int = 2
     """Samples per test prompt at every evaluation (the samples files then hold that many rows per prompt);
     more samples narrow each point's 95% bootstrap interval."""
     evals_per_run: int = 3
@@ -82,9 +83,9 @@ class DemoConfig:
     """Further betas of the dpo-sweep method (the paper sweeps 0.05, 0.1, 1, 5)."""
     rm_lr: float = 1e-4
     """Reward-model learning rate."""
-    rm_epochs: float = 1.0
-    """Reward-model passes over the training pairs."""
-    ppo_iterations: int = 20
+    rm_epochs: float = 0.5
+    """Reward-model passes over the training pairs (half a pass, as much preference data as DPO sees)."""
+    ppo_iterations: int = 16
     """PPO iterations (each samples ppo_rollout_batch train prompts, then updates)."""
     ppo_rollout_batch: int = 16
     """Prompts sampled per PPO iteration."""
@@ -151,7 +152,7 @@ class DemoConfig:
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "default": {},
     # Figure 2's methods (GRPO and RLOO are not in it: add them with --methods), sized to finish within
-    # about 95 minutes on a 2-core CPU (BENCHMARKS.md). DPO trains half a pass, as in the default preset:
+    # about 85 minutes on a 2-core CPU (BENCHMARKS.md). DPO trains half a pass, as in the default preset:
     # a full pass took 17 more minutes over four betas and only moved its points to higher KL.
     "frontier": {
         "methods": [m for m in METHODS if m not in ("grpo", "rloo")],
