@@ -129,7 +129,7 @@ registers the command with ``add_commands(subparsers)``."""
 
 MODEL_COMMANDS = frozenset(COMMANDS) - {"tasks", "models", "rl"}
 """Commands that run language models: they flush subnormal floats to zero
-(:func:`prefalign.train.precision.flush_subnormals`)."""
+(:func:`prefalign.train.precision.subnormals_flushed`)."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -188,9 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_before_launch(config, args)
             return relaunch(argv, args)
         if args.command in MODEL_COMMANDS:
-            from prefalign.train.precision import flush_subnormals
+            from prefalign.train.precision import subnormals_flushed
 
-            flush_subnormals()  # before the first parallel region, so every torch thread inherits it
+            with subnormals_flushed():  # before the first parallel region, so every torch thread inherits it
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except user_errors() as err:
         message = f"prefalign {args.command}: error: {err}"

@@ -4,12 +4,14 @@ steps of 53 s instead of 5 from an underflowing loss gradient)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
 import pytest
 
 from prefalign import cli
+from prefalign.train.precision import flushing_subnormals, subnormals_flushed
 
 PROBE = """
 import sys, torch
@@ -40,12 +42,30 @@ def test_flushing_zeroes_subnormal_products_in_every_thread():
     assert _nonzero("flush") == (0, total)
 
 
-def test_model_commands_flush_before_they_run(monkeypatch, tmp_path):
+def test_the_scoped_form_gives_the_thread_its_ieee_subnormals_back():
+    """The command line and training runs flush only for their duration: a caller's own float code (a
+    property-based test generating subnormal floats, say) works again after them."""
+    assert not flushing_subnormals()
+    with subnormals_flushed():
+        assert flushing_subnormals()
+        assert sys.float_info.min * 0.5 == 0.0  # Python's own arithmetic flushes too, in this thread
+    assert not flushing_subnormals()
+    assert sys.float_info.min * 0.5 > 0.0
+
+
+def test_model_commands_flush_while_they_run(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr("prefalign.train.precision.flush_subnormals", lambda: calls.append("flush"))
+
+    @contextlib.contextmanager
+    def recording():
+        calls.append("enter")
+        yield
+        calls.append("exit")
+
+    monkeypatch.setattr("prefalign.train.precision.subnormals_flushed", recording)
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "The film was", "completion": " wonderful."}\n')
     out = tmp_path / "scored.jsonl"
     assert cli.main(["score", "--data", str(rows), "--reward", "sentiment", "--output", str(out)]) == 0
-    assert calls == ["flush"] and out.exists()
+    assert calls == ["enter", "exit"] and out.exists()
     assert {"sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "generate", "demo"} <= cli.MODEL_COMMANDS

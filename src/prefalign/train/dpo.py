@@ -127,10 +127,9 @@ def reference_pass(
         split: under several processes, each scores every N-th example and the shares are summed
             across processes (the other rows are zeros, so the sum is exact); every process returns the
             whole table.
-        only: score just these example indices (the others' rows stay 0), in micro-batches formed over
-            them alone, so a run shorter than an epoch pays only for the pairs it uses. The set comes
-            from the run's configuration, so a resumed run forms the same micro-batches and gets the
-            same numbers.
+        only: score just the micro-batches that hold one of these example indices (the others' rows
+            stay 0). Micro-batches are formed over all of ``examples`` either way, so an example's
+            log-probs do not depend on which others are asked for (a resumed run gets the same numbers).
     """
     # packing is imported here, not at the top: building the parser (`--help`) must not import transformers
     import torch.distributed as dist
@@ -138,13 +137,15 @@ def reference_pass(
     from prefalign.packing import pack_pairs, packed_logps, pair_tokens
 
     out = torch.zeros(len(examples), 2)
-    items = [(i, ex) for i, ex in enumerate(examples) if only is None or i in only]
+    items = list(enumerate(examples))
     world = dist.get_world_size() if split and dist.is_available() and dist.is_initialized() else 1
     if world > 1:
         items = items[dist.get_rank() :: world]
     groups = micro_batches(
         items, lambda item: pair_tokens(item[1]), config.micro_batch_tokens * REFERENCE_BATCH_FACTOR
     )
+    if only is not None:
+        groups = [g for g in groups if any(i in only for i, _ in g)]
     was_training = scorer.training
     scorer.eval()
     with torch.inference_mode(), adapter_disabled(scorer) if adapter_off else nullcontext():

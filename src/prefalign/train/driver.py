@@ -121,11 +121,11 @@ def train_steps(run: StepRun) -> tuple[dict[str, float], dict[str, float]]:
         KeyboardInterrupt: after Ctrl-C, once a checkpoint of the last finished step is saved.
     """
     from prefalign.packing import recompute_activations
-    from prefalign.train.precision import autocast, flush_subnormals
+    from prefalign.train.precision import autocast, subnormals_flushed
 
-    flush_subnormals()
     model, in_place = run.lean_target()
     with (
+        subnormals_flushed(),
         lean_layers(model, in_place),
         recompute_activations(model, run.config.gradient_checkpointing),
         autocast(run.config.mixed_precision, run.accelerator.device),

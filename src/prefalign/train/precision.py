@@ -12,26 +12,46 @@ the scale; the scale is part of the run's state, so a resumed run continues exac
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor
 
 
+def flushing_subnormals() -> bool:
+    """Whether this thread reads subnormal floats as zero (the smallest positive float32, doubled, is 0)."""
+    smallest = torch.ones(1, dtype=torch.int32).view(torch.float32)
+    return bool((smallest * 2.0 == 0).item())
+
+
 def flush_subnormals() -> None:
     """From here on, subnormal floats (below 1.2e-38 in float32) are read and written as zero, in this
-    thread and in every thread it starts later: torch's intra-op threads inherit the mode when the pool is
-    first created, so it must run before any parallel work: the command line calls it before a command
-    starts. A training run calls it again on entry, but in a Python process that has already run
-    parallel torch work that reaches the calling thread only; call it first thing in your script. It
-    stays on for the process.
+    thread and in every thread it starts later: torch's intra-op threads inherit the mode when their pool
+    is first created, so call it first thing in a script, before any parallel torch work (later, it
+    reaches the calling thread only). It stays on for the process; :func:`subnormals_flushed` is the
+    scoped form the command line and the training runs use.
 
     x86 CPUs compute on subnormal operands in microcode, 10-100x slower than on normal ones. They appear
     when a loss's gradient underflows: DPO at beta 5 gives pairs margins of tens of nats, sigmoid(-margin)
     falls below 1e-38, and every matrix product of that step's backward then runs on subnormals (one such
     step took 53 s instead of 5 here). A value that small carries nothing a float32 update can use."""
     torch.set_flush_denormal(True)
+
+
+@contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """:func:`flush_subnormals` for the duration of the block; the calling thread gets its previous mode
+    back after it (other code in the process, such as a test's float checks, may rely on IEEE subnormals).
+    Threads the block started keep the mode."""
+    was = flushing_subnormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not was:
+            torch.set_flush_denormal(False)
 
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
