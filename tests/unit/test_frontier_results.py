@@ -23,11 +23,18 @@ def samples(point: dict) -> list[dict]:
 
 
 def test_the_run_is_committed_whole():
-    """Every method of the preset has points, each with its samples file."""
+    """Every method the run was configured with has points (each DPO beta, each PPO target KL, each N of
+    Best-of-N), Figure 2's methods among them, and every point its samples file."""
     assert SUMMARY is not None, f"{RESULTS}/summary.json is missing"
-    methods = {p["method"].split("-beta")[0].split("-kl")[0] for p in SUMMARY["points"]}
-    assert {"reference", "preferred-ft", "dpo", "ppo", "ppo-gt", "grpo", "rloo"} <= methods, methods
-    assert any(p["method"].startswith("best-of-") for p in SUMMARY["points"])
+    config = SUMMARY["config"]
+    assert {"preferred-ft", "dpo", "ppo", "dpo-sweep", "ppo-gt", "ppo-kl-sweep", "best-of-n"} <= set(
+        config["methods"]
+    )
+    expected = {"reference"} | set(config["methods"]) - {"dpo-sweep", "ppo-kl-sweep", "best-of-n"}
+    expected |= {f"dpo-beta{b:g}" for b in config["dpo_betas"]}
+    expected |= {f"ppo-kl{k:g}" for k in config["ppo_target_kls"]}
+    expected |= {f"best-of-{n}" for n in config["best_of"]}
+    assert {p["method"] for p in SUMMARY["points"]} == expected
     for point in SUMMARY["points"]:
         assert (RESULTS / f"{point['samples']}.gz").is_file(), point["samples"]
     assert (RESULTS / "plots" / "frontier.png").is_file()
