@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from types import ModuleType
 from typing import Any
 
@@ -187,12 +188,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config_from_args(args.config_class, args)  # bad options refused once, before any start
             check_before_launch(config, args)
             return relaunch(argv, args)
-        if args.command in MODEL_COMMANDS:
+        flushed: Any = nullcontext()
+        if (
+            args.command in MODEL_COMMANDS
+        ):  # before the first parallel region, so every torch thread inherits it
             from prefalign.train.precision import subnormals_flushed
 
-            with subnormals_flushed():  # before the first parallel region, so every torch thread inherits it
-                return int(args.func(args) or 0)
-        return int(args.func(args) or 0)
+            flushed = subnormals_flushed()
+        with flushed:
+            return int(args.func(args) or 0)
     except user_errors() as err:
         message = f"prefalign {args.command}: error: {err}"
         if not report_worker_error(message):  # a launcher's worker leaves it to be printed once

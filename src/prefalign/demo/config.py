@@ -27,7 +27,7 @@ class DemoConfig:
     output: str = "runs/demo"
     """Run folder: report.html, report.md, summary.json, samples/, one folder per phase."""
     preset: str = "default"
-    """default (about 13 minutes on a 2-core CPU, budgeted for 25 on one twice as slow), frontier (the paper's
+    """default (14-16 minutes on a 2-core CPU, budgeted for 25 on one twice as slow), frontier (the paper's
     Figure 2 sweep; about 85 minutes on a 2-core CPU) or
     smoke (a tiny random model, under a minute). Options given explicitly override the preset's values."""
     model: str = "smollm2"

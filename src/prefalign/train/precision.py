@@ -46,7 +46,7 @@ def subnormals_flushed() -> Iterator[None]:
     back after it (other code in the process, such as a test's float checks, may rely on IEEE subnormals).
     Threads the block started keep the mode."""
     was = flushing_subnormals()
-    torch.set_flush_denormal(True)
+    flush_subnormals()
     try:
         yield
     finally:
