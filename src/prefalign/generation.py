@@ -268,7 +268,7 @@ def warp_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     if is_greedy_temperature(temperature):
         scores = logits.masked_fill(logits < logits.amax(-1, keepdim=True), float("-inf"))
     else:
-        scores = logits / temperature
+        scores = logits if temperature == 1.0 else logits / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -419,15 +419,20 @@ def _decode(
     entropy: list[Tensor] = []
     for step in range(max_new_tokens):
         if greedy:
-            token = logits.argmax(-1)
-        else:
+            token = logits.argmax(-1).masked_fill(done, pad_id)
+            logp = token_logps(logits, token)
+            step_entropy = _entropy(logits) if tap is not None else None
+        else:  # one log-softmax serves the draw, the token's log-prob and the entropy
             logits = warp_logits(logits, settings.temperature, settings.top_k, settings.top_p)
-            token = _sample(logits.softmax(-1), generator)
-        token = token.masked_fill(done, pad_id)
-        logp = token_logps(logits, token)
+            log_probs = logits.float().log_softmax(-1)
+            probs = log_probs.exp()
+            token = _sample(probs, generator).masked_fill(done, pad_id)
+            logp = log_probs.gather(-1, token[:, None]).squeeze(-1)
+            # (a filtered token has p = 0 and log p = -inf: 0 * -inf is NaN, counted as 0)
+            step_entropy = -(probs * log_probs).nan_to_num_(0.0).sum(-1) if tap is not None else None
         if tap is not None:
             hidden.append(tap.last * (~done)[:, None])
-            entropy.append(_entropy(logits).masked_fill(done, 0.0))
+            entropy.append(step_entropy.masked_fill(done, 0.0))
         tokens.append(token)
         logps.append(logp.masked_fill(done, 0.0))
         masks.append((~done).long())

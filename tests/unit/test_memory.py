@@ -215,3 +215,23 @@ def test_linear_function_passes_gradcheck_and_adds_into_grad_in_place():
     direct.grad = torch.ones_like(direct)
     LinearFunction.apply(x, direct).backward(g)
     torch.testing.assert_close(direct.grad, want + 1)
+
+
+def test_release_every_hooks_every_kth_decoder_layer_while_gradients_are_recorded(monkeypatch):
+    """With ``release_every=2`` on a 5-layer model, layers 0, 2 and 4 hand freed memory back after their
+    forward when gradients are recorded (not under ``no_grad``); the hooks are gone on exit."""
+    import prefalign.memory as memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
+    model = tiny_causal_lm(tokenizer=tiny_tokenizer(), hidden_size=32, num_layers=5, seed=0)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with lean_layers(model, release_every=2):
+        with torch.no_grad():
+            model(ids)
+        assert calls == []
+        model(ids).logits.sum().backward()
+        assert len(calls) == 3
+    assert all(not layer._forward_hooks for layer in model.model.layers)
+    model(ids)
+    assert len(calls) == 3

@@ -83,6 +83,9 @@ class StepRun(Protocol):
     """What one step is called on the progress bar."""
     shown: tuple[str, ...]
     """Metrics shown next to the progress bar."""
+    release_every: int
+    """Return freed memory to the OS after every this-many decoder layers of a training forward (0:
+    never; :class:`~prefalign.memory.lean_layers`)."""
 
     def lean_target(self) -> tuple[nn.Module, list[nn.Parameter]]:
         """The module whose layers :class:`~prefalign.memory.lean_layers` swaps, and the parameters whose
@@ -126,7 +129,7 @@ def train_steps(run: StepRun) -> tuple[dict[str, float], dict[str, float]]:
     model, in_place = run.lean_target()
     with (
         subnormals_flushed(),
-        lean_layers(model, in_place),
+        lean_layers(model, in_place, run.release_every),
         recompute_activations(model, run.config.gradient_checkpointing),
         autocast(run.config.mixed_precision, run.accelerator.device),
     ):

@@ -337,6 +337,7 @@ class _Run:
     name = "train"
     unit = "step"
     shown = _SHOWN
+    release_every = 0  # (its gradients live in one buffer across steps: the peak is the same either way)
 
     @property
     def output(self) -> Path:

@@ -151,6 +151,9 @@ class OnlineRun:
     """Metrics shown next to the progress bar."""
     repeats: ClassVar[int] = 1
     """Samples per prompt in an iteration (GRPO and RLOO: the group size)."""
+    release_every: ClassVar[int] = 6
+    """Freed memory goes back to the OS after every 6th decoder layer of the update's forward (the
+    iteration's peak: BENCHMARKS.md)."""
 
     @property
     def unwrapped(self) -> PolicyLogits:
