@@ -114,6 +114,11 @@ def linear_parts(module: Any) -> LinearParts | None:
     return LinearParts(base.weight, base.bias, low_rank)
 
 
+DECODE_COPY_LIMIT = 4 * 2**30
+"""Models whose parameters take more bytes than this decode through their own modules: the prepacked
+copy of :class:`DecodeWeights` (about one more copy of the weights while sampling) is made only below it."""
+
+
 def _mkl_packing(weight: Tensor) -> bool:
     return (
         weight.device.type == "cpu"
@@ -187,6 +192,9 @@ class DecodeWeights:
 
     @classmethod
     def build(cls, model: Any, rows: int) -> DecodeWeights | None:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if weight_bytes > DECODE_COPY_LIMIT:
+            return None  # (the copy would cost more memory than the speed is worth: modules it is)
         with torch.no_grad():
             layers = []
             for layer in model.model.layers:

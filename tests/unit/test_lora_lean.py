@@ -160,3 +160,17 @@ def test_decode_weights_fall_back_for_a_dora_adapter(tokenizer):
     ).eval()
     assert linear_parts(model.get_base_model().model.layers[0].self_attn.q_proj) is None
     assert DecodeWeights.build(model.get_base_model(), rows=2) is None
+
+
+def test_decode_weights_are_not_built_for_models_over_the_copy_limit(tokenizer, monkeypatch):
+    import prefalign.decoding as decoding
+
+    model = tiny_causal_lm(tokenizer=tokenizer, hidden_size=64, seed=0)
+    assert DecodeWeights.build(model, rows=2) is not None
+    monkeypatch.setattr(decoding, "DECODE_COPY_LIMIT", 1000)
+    assert DecodeWeights.build(model, rows=2) is None
+    lean = LeanStepper(model.eval(), torch.ones(2, 6, dtype=torch.bool))
+    with torch.no_grad():
+        lean.step(torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.arange(3).expand(2, -1))
+        lean.step(torch.tensor([[3], [4]]), torch.tensor([[3], [3]]))
+    assert lean.fast is None and not lean.fast_decode  # decoded through the modules
