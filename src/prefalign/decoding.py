@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
-"""RMSNorm classes computing ``weight * x / sqrt(mean(x^2) + eps)`` in float32 (``F.rms_norm``)."""
+from prefalign.memory import RMSNORM_CLASSES, lora_adapters
 
 LEAN_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"})
 
@@ -90,28 +89,16 @@ class LinearParts(NamedTuple):
 def linear_parts(module: Any) -> LinearParts | None:
     """The parts with which ``module`` maps ``x`` as it stands now: a plain ``nn.Linear`` (no low-rank
     terms); or a peft LoRA ``Linear`` over one, with its active plain-LoRA adapters as low-rank terms
-    (none while adapters are disabled or already merged into the base). ``None`` for anything else (a
-    DoRA or other variant adapter, a transposed or non-linear base): the caller then runs the module
-    itself. Dropout is not applied: steppers run in eval mode."""
+    (none while adapters are disabled or merged: :func:`prefalign.memory.lora_adapters`). ``None`` for
+    anything else: the caller then runs the module itself. Dropout is not applied: steppers run in eval
+    mode."""
     if type(module) is torch.nn.Linear:
         return LinearParts(module.weight, module.bias, [])
-    base = getattr(module, "base_layer", None)
-    needed = ("lora_A", "lora_B", "scaling", "active_adapters", "disable_adapters", "merged")
-    if type(base) is not torch.nn.Linear or not all(hasattr(module, a) for a in needed):
+    found = lora_adapters(module)
+    if found is None:
         return None
-    if getattr(module, "fan_in_fan_out", False) or any(getattr(module, "use_dora", {}).values()):
-        return None
-    if module.disable_adapters or module.merged:
-        return LinearParts(base.weight, base.bias, [])
-    variants = getattr(module, "lora_variant", {})
-    low_rank = []
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        if name in variants:
-            return None
-        low_rank.append((module.lora_B[name].weight, module.lora_A[name].weight, float(module.scaling[name])))
-    return LinearParts(base.weight, base.bias, low_rank)
+    base, adapters = found
+    return LinearParts(base.weight, base.bias, [(ad.b, ad.a, ad.scaling) for ad in adapters])
 
 
 DECODE_COPY_LIMIT = 4 * 2**30

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -385,60 +385,84 @@ def _swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
     gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
     if type(down) is nn.Linear and down.bias is None:  # not a LoRA-wrapped or biased projection
         return SwiGLUDownFunction.apply(gate, up, down.weight)
-    lora = _lora_adapter(down, gate)
-    if lora is not None and lora != "base" and lora[1] is None and lora[0].bias is None:
-        base, _, a, b, scaling = lora
-        return SwiGLUDownFunction.apply(gate, up, base.weight, a, b, scaling)
+    found = _one_adapter(down, gate)
+    if found is not None and found[1] is not None and found[1].dropout is None and found[0].bias is None:
+        base, adapter = found  # (a LoRA down projection without dropout: h recomputed in backward too)
+        return SwiGLUDownFunction.apply(gate, up, base.weight, adapter.a, adapter.b, adapter.scaling)
     return down(SiluMulFunction.apply(gate, up))
 
 
-def _lora_adapter(module: nn.Module, x: Tensor) -> Any:
-    """For a peft LoRA ``Linear`` about to run on ``x``: ``"base"`` when its adapters are off (disabled
-    or merged), else ``(base layer, dropout or None, A, B, scaling)`` of its one active plain adapter;
-    ``None`` where the lean path does not apply (several active adapters, DoRA or another variant, a
-    bias on B, dtypes that differ, autocast), and the module's own forward runs."""
-    base = getattr(module, "base_layer", None)
-    if type(base) is not nn.Linear or not type(module).__module__.startswith("peft.tuners.lora"):
+class LoRAAdapter(NamedTuple):
+    """One plain LoRA adapter of a layer: ``x -> scaling * (dropout(x) A^T) B^T``."""
+
+    a: Tensor
+    b: Tensor
+    scaling: float
+    dropout: nn.Module | None
+    """``None`` where dropout does nothing now (identity, p = 0 or eval mode)."""
+
+
+def lora_adapters(module: nn.Module) -> tuple[nn.Linear, list[LoRAAdapter]] | None:
+    """For a peft LoRA ``Linear`` over a plain ``nn.Linear``: its base layer and the adapters acting on
+    it now (none while adapters are disabled or merged into the base). ``None`` for any other module, or
+    where an active adapter is not plain LoRA (DoRA or another variant, a bias on A or B, a transposed
+    base): the caller then runs the module's own forward. The one reading of peft's layer state, for
+    training (:func:`_lora_linear_forward`) and for decoding (:func:`prefalign.decoding.linear_parts`)."""
+    if not _is_lora_linear(module) or getattr(module, "fan_in_fan_out", False):
         return None
-    if torch.is_autocast_enabled(x.device.type):
-        return None
+    base = module.base_layer
     if module.disable_adapters or module.merged:
-        return "base"
-    active = [n for n in module.active_adapters if n in module.lora_A]
-    if len(active) != 1:
+        return base, []
+    adapters = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if (
+            name in getattr(module, "lora_variant", {})
+            or getattr(module, "use_dora", {}).get(name)
+            or getattr(module, "lora_bias", {}).get(name)
+        ):
+            return None
+        a, b = module.lora_A[name], module.lora_B[name]
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+            return None
+        dropout = module.lora_dropout[name]
+        idle = isinstance(dropout, nn.Identity) or (
+            isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
+        )
+        adapters.append(
+            LoRAAdapter(a.weight, b.weight, float(module.scaling[name]), None if idle else dropout)
+        )
+    return base, adapters
+
+
+def _one_adapter(module: nn.Module, x: Tensor) -> tuple[nn.Linear, LoRAAdapter | None] | None:
+    """The lean training path's view of a LoRA layer about to run on ``x``: ``(base, None)`` with its
+    adapters off, ``(base, adapter)`` with one plain adapter in ``x``'s dtype, else ``None`` (several
+    adapters, other dtypes, autocast, anything :func:`lora_adapters` declines)."""
+    found = lora_adapters(module)
+    if found is None or torch.is_autocast_enabled(x.device.type):
         return None
-    name = active[0]
-    if (
-        name in getattr(module, "lora_variant", {})
-        or getattr(module, "use_dora", {}).get(name)
-        or getattr(module, "lora_bias", {}).get(name)
-        or getattr(module, "fan_in_fan_out", False)
-    ):
+    base, adapters = found
+    if not adapters:
+        return base, None
+    if len(adapters) != 1:
         return None
-    a, b = module.lora_A[name], module.lora_B[name]
-    if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None or a.bias is not None:
+    adapter = adapters[0]
+    if not (x.dtype == adapter.a.dtype == adapter.b.dtype == base.weight.dtype):
         return None
-    if not (x.dtype == a.weight.dtype == b.weight.dtype == base.weight.dtype):
-        return None
-    dropout = module.lora_dropout[name]
-    active_dropout = (
-        None
-        if isinstance(dropout, nn.Identity)
-        or (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training))
-        else dropout
-    )
-    return base, active_dropout, a.weight, b.weight, float(module.scaling[name])
+    return base, adapter
 
 
 def _lora_linear_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    lora = None if args or kwargs else _lora_adapter(self, x)
-    if lora is None:
+    found = None if args or kwargs else _one_adapter(self, x)
+    if found is None:
         return type(self).forward(self, x, *args, **kwargs)
-    if lora == "base":
-        return self.base_layer(x)
-    base, dropout, a, b, scaling = lora
-    x_d = x if dropout is None else dropout(x)
-    return LoRALinearFunction.apply(x, x_d, base.weight, base.bias, a, b, scaling)
+    base, adapter = found
+    if adapter is None:
+        return base(x)
+    x_d = x if adapter.dropout is None else adapter.dropout(x)
+    return LoRALinearFunction.apply(x, x_d, base.weight, base.bias, adapter.a, adapter.b, adapter.scaling)
 
 
 def _embedding_forward(self: nn.Embedding, ids: Tensor) -> Tensor:

@@ -21,10 +21,10 @@ LAYERS: dict[str, int] = {
     "losses": 0,
     "kl": 0,
     "config": 0,
-    "decoding": 0,
     "memory": 0,
     "testing": 0,
     # readers/encoders, model loading, the process launcher, the RL foundations (numpy + losses)
+    "decoding": 1,  # (reads LoRA layers through memory.lora_adapters)
     "data": 1,
     "models": 1,
     "launch": 1,
