@@ -304,22 +304,56 @@ def _top_p_filter(scores: Tensor, top_p: float, first_k: int = 256) -> Tensor:
     return kept.scatter(-1, index, top.masked_fill(remove, float("-inf")))
 
 
+SAMPLE_BLOCK = 256
+"""Vocabulary entries per block of :func:`_sample`'s two-level search."""
+
+
+def _last_positive(probs: Tensor) -> Tensor:
+    """Index of the last entry of positive probability in each row of ``probs [B, n]``."""
+    return probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
+
+
 def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """One draw per row of ``probs [B, V]`` (unnormalised, non-negative), with ``P(i) = p_i / sum(p)``.
 
-    Inverse-CDF sampling: one uniform per row against the row's cumulative sums (in float64, so rounding
+    Inverse-CDF sampling: one uniform per row, placed on the row's cumulative sums (float64, so rounding
     cannot move a draw by more than ~1e-16 of the mass). It needs B random numbers per token where the
-    exponential race (``argmax(p / E)``) needed B x V; on a 49,152-entry vocabulary that race was a fifth of
-    the sampler's time on a CPU. A token of probability 0 has an empty interval and is never drawn.
+    exponential race (``argmax(p / E)``) needed B x V. The search runs in two levels: sums of blocks of
+    :data:`SAMPLE_BLOCK` entries pick the block (one vectorised pass over the row), and only that block's
+    cumulative sums are taken; a cumulative sum over the whole 49,152-entry row is a sequential scan that
+    cost 6 ms per decode step of 32 rows on a CPU, the two levels well under one. A token of probability 0
+    has an empty interval at either level and is never drawn.
     """
+    rows, vocab = probs.shape
+    u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=probs.device)
+    block = SAMPLE_BLOCK
+    whole = vocab // block * block
+    if whole < 4 * block:  # (a short row: one level)
+        return _inverse_cdf(probs, u)
+    sums = probs[:, :whole].reshape(rows, -1, block).sum(-1, dtype=torch.float64)
+    if whole < vocab:  # the tail shorter than a block is a block of its own
+        sums = torch.cat([sums, probs[:, whole:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
+    cdf = sums.cumsum(-1)
+    target = u * cdf[:, -1:]
+    chosen = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    chosen = torch.minimum(chosen, _last_positive(sums))  # (target rounded up to the total: ~1e-16)
+    below = torch.where(chosen > 0, cdf.gather(-1, (chosen - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    start = chosen * block
+    cols = start[:, None] + torch.arange(block, device=probs.device)
+    inside = probs.gather(-1, cols.clamp(max=vocab - 1)).masked_fill(cols >= vocab, 0.0)
+    local = torch.searchsorted(
+        inside.cumsum(-1, dtype=torch.float64), (target.squeeze(-1) - below)[:, None], right=True
+    ).squeeze(-1)
+    # the block's own sums can round a hair below the block total the first level used
+    local = torch.minimum(local, _last_positive(inside))
+    return start + local
+
+
+def _inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """One draw per row of ``probs`` for the uniforms ``u [B, 1]``, from the whole row's cumulative sums."""
     cdf = torch.cumsum(probs, -1, dtype=torch.float64)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
-    past = index == probs.shape[-1]  # u * total rounded up to the total itself (~1e-16 of draws)
-    if bool(past.any()):  # then the last token of positive probability, found only in that rare case
-        last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
-        index = torch.where(past, last, index)
-    return index
+    return torch.minimum(index, _last_positive(probs))  # (u * total rounded up to the total: ~1e-16)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -250,14 +250,19 @@ class HeadTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        out, lse, _ = head_logps(hidden, weight, targets, chunk)
+    def forward(
+        ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, lse: Tensor | None = None
+    ) -> Tensor:
+        if lse is None:
+            out, lse, _ = head_logps(hidden, weight, targets, chunk)
+        else:  # the rows' log-normalisers are known: only their target logits are computed (NaN: unknown)
+            out, lse = known_lse_logps(hidden, weight, targets, chunk, lse)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         into = _in_place_target(weight) if need_w else None
@@ -278,7 +283,23 @@ class HeadTokenLogps(torch.autograd.Function):
                 into[start : start + w.shape[0]].addmm_(dlogits.t(), hidden)
             elif grad_w is not None:
                 torch.mm(dlogits.t(), hidden, out=grad_w[start : start + w.shape[0]])
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
+
+
+def known_lse_logps(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, lse: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Without gradients: :func:`head_logps`' log-probs and log-normalisers where each row's
+    log-normaliser ``lse`` is already known (the sampler's, for the same weights), so only the target's
+    logit is computed (a dot product per row, not a pass over the vocabulary); rows whose ``lse`` is NaN
+    get the full computation."""
+    with torch.no_grad():
+        picked = torch.einsum("nh,nh->n", hidden, weight.index_select(0, targets)).float()
+        lse = lse.to(picked.dtype).clone()
+        unknown = torch.isnan(lse).nonzero().squeeze(-1)
+        if len(unknown):
+            _, lse[unknown], _ = head_logps(hidden[unknown], weight, targets[unknown], chunk)
+        return picked - lse, lse
 
 
 def head_logps(

@@ -221,3 +221,48 @@ def test_a_broken_reward_stops_the_cli_with_one_line_and_status_2(on_path, tiny_
         == f"prefalign {command}: error: reward synthetic_rewards:wrong_count: returned 1 scores for 4 completions"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo", "ppo"])
+def test_the_samplers_log_normalisers_change_nothing_but_float_rounding(
+    on_path, tiny_model_dir, monkeypatch, command
+):
+    """The first minibatch of each iteration reads the sampling distribution's log-normalisers off the
+    sampler (no pass over the vocabulary in its forward); later minibatches, after a step, compute their
+    own. Three iterations of two passes over two minibatches, with and without that: the same metrics and
+    weights to float rounding."""
+    from prefalign.train import ppo
+
+    real = online.known_lse
+    used = []
+
+    def counted(run, rollout, micro):
+        got = real(run, rollout, micro)
+        used.append(got is not None)
+        return got
+
+    common = dict(lr_schedule="constant", minibatches=2, ppo_epochs=2, iterations=3, lr=1e-3)
+    keep = ("objective/scores", "objective/kl", "policy/ratio_mean", "policy/loss")
+    rows, weights = {}, {}
+    for known in (True, False):
+        monkeypatch.setattr(online, "known_lse", counted if known else lambda *a: None)
+        out = f"lse-{command}-{known}"
+        if command == "ppo":
+            ppo.train(ppo.PPOConfig(
+                model=str(tiny_model_dir), prompts=str(on_path / "prompts.jsonl"), output=str(on_path / out),
+                reward="synthetic_rewards:share_of_e", raw=True, rollout_batch=8, response_length=10,
+                shared_value_head=True, progress=False, seed=0, **common,
+            ))  # fmt: skip
+        else:
+            COMMANDS[command][1](config(command, on_path, tiny_model_dir, out, **common))
+        rows[known] = [
+            {k: r[k] for k in keep if k in r} for r in read_metrics(on_path / out) if "policy/loss" in r
+        ]
+        weights[known] = load_file(on_path / out / "model.safetensors")
+    assert any(used) and not all(used)  # (the first minibatches used it, the later ones could not)
+    assert len(rows[True]) == 3
+    for a, b in zip(rows[True], rows[False], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    for key, value in weights[True].items():  # (the bound of the sharing test above, for the same reason)
+        diff = (value - weights[False][key]).abs()
+        assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-2, (key, diff.max())

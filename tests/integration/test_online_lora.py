@@ -327,3 +327,52 @@ def test_a_two_process_lora_run_equals_a_one_process_run(workdir, tiny_model_dir
         )
         with adapted.disable_adapter():
             assert (adapted(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() > 1e-4
+
+
+def test_before_the_first_update_the_sampler_gives_the_reference_log_probs(
+    on_path, tiny_model_dir, monkeypatch
+):
+    """In a fresh run whose reference is the starting policy (LoRA with every B still zero; or a reference
+    model with the policy's very weights), the reference pass of iteration 0 is skipped: its log-probs are
+    the sampler's, equal to a fresh reference forward to 1e-5. Any other case runs the pass: an adapter
+    that is not zero, a reference model that differs in one weight, any later iteration, a resumed run."""
+    real = online.reference_logprobs
+    calls = {"n": 0}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(online, "reference_logprobs", counted)
+
+    def check(run, expect_same: bool) -> None:
+        prompt_ids, rows = run.prompts
+        before = calls["n"]
+        rollout, _ = online.rollout_for(run, prompt_ids[:4], rows[:4], seed=5)
+        assert (calls["n"] == before) == expect_same
+        fresh = real(run.reference, rollout.out, run.config, run.unwrapped.policy)  # (LoRA: adapter off)
+        torch.testing.assert_close(rollout.ref_logprobs, fresh, atol=1e-5, rtol=0)
+        if expect_same:
+            assert torch.equal(rollout.ref_logprobs, rollout.out.logprobs)
+
+    lora = grpo.setup(grpo_config(on_path, tiny_model_dir, "same-lora"))
+    assert online.reference_is_policy(lora)
+    check(lora, True)
+    lora.run_iteration(0)  # (an update)
+    assert not online.reference_is_policy(lora)
+    check(lora, False)
+
+    moved = grpo.setup(grpo_config(on_path, tiny_model_dir, "moved-lora"))
+    perturb_adapters(moved.unwrapped.policy)
+    check(moved, False)
+
+    full = grpo.setup(grpo_config(on_path, tiny_model_dir, "same-full", lora_r=0))
+    assert full.reference is not None
+    check(full, True)
+    resumed = grpo.setup(grpo_config(on_path, tiny_model_dir, "resumed-full", lora_r=0))
+    resumed.state["step"] = 3  # (as after a resume)
+    check(resumed, False)
+    other = grpo.setup(grpo_config(on_path, tiny_model_dir, "other-full", lora_r=0))
+    with torch.no_grad():
+        next(other.reference.parameters()).view(-1)[0] += 1e-3
+    check(other, False)

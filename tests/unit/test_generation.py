@@ -10,6 +10,7 @@ from prefalign.generation import (
     MIN_TEMPERATURE,
     GenerationOutput,
     SamplingSettings,
+    _inverse_cdf,
     _sample,
     cap_prompts,
     context_length,
@@ -302,6 +303,28 @@ def test_the_sampler_never_draws_a_token_of_probability_zero():
     one_hot = torch.zeros(4, 49_152)
     one_hot[torch.arange(4), torch.tensor([0, 7, 49_151, 30_000])] = 1.0
     assert _sample(one_hot, torch.Generator().manual_seed(0)).tolist() == [0, 7, 49_151, 30_000]
+
+
+def test_the_two_level_search_draws_what_one_cumulative_sum_would():
+    """Blocks then one block's cumulative sums: for the same uniforms, the token a cumulative sum over the
+    whole row gives, on rows with a short tail block, whole blocks of zeros (as top-k leaves), and mass
+    only in the tail; a one-hot row always gives its token."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 4 * 256 + 37
+    probs = torch.rand(64, vocab, generator=gen).pow(8)
+    probs[:16, 256:768] = 0.0  # two empty blocks
+    probs[16:32, :] = 0.0
+    probs[16:32, -37:] = torch.rand(16, 37, generator=gen)  # only the tail
+    probs[32:48] *= torch.rand(16, vocab, generator=gen) > 0.99  # sparse rows
+    probs[48:, :] = 0.0
+    hot = torch.randint(0, vocab, (16,), generator=gen)
+    probs[torch.arange(48, 64), hot] = 2.0
+    for seed in range(20):
+        u = torch.rand(64, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        draws = _sample(probs, torch.Generator().manual_seed(seed))
+        assert torch.equal(draws, _inverse_cdf(probs, u))
+        assert bool((probs.gather(-1, draws[:, None]) > 0).all())
+        assert torch.equal(draws[48:], hot)
 
 
 def test_returned_hidden_states_and_entropy_match_a_fresh_forward(tiny_model, tokenizer, prompts):

@@ -103,6 +103,37 @@ def test_head_token_logps_matches_log_softmax_in_values_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_head_token_logps_with_known_normalisers_equals_the_full_pass():
+    """Given each row's log-normaliser (NaN: unknown, computed), the forward computes only the target
+    logits: the same values and gradients as the pass over the vocabulary, and it never projects onto the
+    vocabulary for rows whose normaliser is given."""
+    from prefalign import memory
+    from prefalign.memory import HeadTokenLogps, head_logps
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(13, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 13, (9,), generator=gen)
+    _, lse, _ = head_logps(hidden, weight, targets, 4)
+    known = lse.clone()
+    known[[2, 7]] = float("nan")
+    seen = []
+    real = memory.head_logps
+    memory.head_logps = lambda h, *a, **k: seen.append(h.shape[0]) or real(h, *a, **k)
+    try:
+        got = HeadTokenLogps.apply(hidden, weight, targets, 4, known)
+    finally:
+        memory.head_logps = real
+    assert seen == [2]  # only the two unknown rows went over the vocabulary
+    want = HeadTokenLogps.apply(hidden, weight, targets, 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn(9, dtype=torch.float64, generator=gen)
+    got_grads = torch.autograd.grad(got, (hidden, weight), g)
+    want_grads = torch.autograd.grad(want, (hidden, weight), g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_packed_logps_through_the_chunked_head_equals_the_model_logits_path():
     """prefalign.packing.packed_logps projects hidden states itself on Llama-type models; the values and
     gradients equal those computed from the model's own logits."""

@@ -132,7 +132,10 @@ class GroupRun(online.OnlineRun):
         add up to :func:`aggregate_loss` over the whole minibatch; and summed token statistics."""
         config = self.config
         micro = online.make_micro(rollout, rows, self.accelerator.device)
-        logprobs, _ = self.module(micro, config.temperature, with_values=False, targets=micro.response_ids)
+        lse = online.known_lse(self, rollout, micro)
+        logprobs, _ = self.module(
+            micro, config.temperature, with_values=False, targets=micro.response_ids, lse=lse
+        )
         take = {k: micro.take(v).to(logprobs.device) for k, v in batch.items() if v.dim() == 2}
         old = logprobs.detach() if fresh_old(config) else take["logprobs"]
         adv = batch["advantages"][rows].to(logprobs.device)

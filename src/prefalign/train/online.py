@@ -143,6 +143,9 @@ class OnlineRun:
     saved_step: int = -1
     start_eval: dict[str, float] = field(default_factory=dict)
     """The starting policy's held-out scores (the baseline; not taken again on resume)."""
+    reference_same: bool | None = None
+    """Whether the reference computes the policy's function (:func:`reference_is_policy`; ``None``: not
+    checked yet; ``False`` from the first update on)."""
 
     name = "online"
     """The command's name (progress bar)."""
@@ -363,12 +366,50 @@ def rollout_for(
     t2 = time.perf_counter()
     rollout = Rollout(out, scores, raw, rows=rows, group=group, shared=group > 1 and shares_prompts(config))
     policy = run.unwrapped.policy
-    rollout.ref_logprobs = reference_logprobs(run.reference, out, config, policy, group).cpu()
+    if reference_is_policy(run):  # (before the first update: the sampler's log-probs are the reference's)
+        rollout.ref_logprobs = out.logprobs.cpu().clone()
+    else:
+        rollout.ref_logprobs = reference_logprobs(run.reference, out, config, policy, group).cpu()
     return rollout, {
         "time/generate": t1 - t0,
         "time/score": t2 - t1,
         "time/forward": time.perf_counter() - t2,
     }
+
+
+def reference_is_policy(run: OnlineRun) -> bool:
+    """Whether the reference computes the policy's function now: in a fresh run before its first update,
+    when the reference is the starting policy. That holds for the LoRA policy with its adapter off while
+    every LoRA ``B`` is still zero (``W x + s B A x`` is then ``W x`` exactly; DoRA's rescaling is not
+    exact, so not for DoRA), and for a reference model whose parameters and buffers equal the policy's.
+    The sampler's log-probs are then the reference's to the same rounding as the old policy's (no top-k or
+    top-p in online sampling), and the reference pass of that iteration is skipped. Checked on the weights
+    once per run (not assumed from the options: a policy given from Python may differ from ``--model``)."""
+    if run.reference_same is None:  # (set to False by the first update and by a resume)
+        fresh = run.state["step"] == 0 and run.saved_step < 0
+        run.reference_same = fresh and _same_weights(run.unwrapped.policy, run.reference)
+    return run.reference_same
+
+
+def _same_weights(policy: nn.Module, reference: nn.Module | None) -> bool:
+    """:func:`reference_is_policy`'s check of the weights (see there)."""
+    with torch.no_grad():
+        if reference is None:  # the LoRA policy with its adapter off
+            names = [name for name, _ in policy.named_parameters()]
+            if any("lora_magnitude_vector" in n for n in names) or not any("lora_B" in n for n in names):
+                return False
+            return all(
+                not bool(p.any())
+                for n, p in policy.named_parameters()
+                if "lora_B" in n or "lora_embedding_B" in n
+            )
+        if type(policy) is not type(reference):
+            return False
+        ours = dict(policy.state_dict(keep_vars=True))
+        theirs = dict(reference.state_dict(keep_vars=True))
+        return ours.keys() == theirs.keys() and all(
+            ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours
+        )
 
 
 def sample_iteration(run: OnlineRun, it: int, repeats: int = 1) -> tuple[Rollout, dict[str, float]]:
@@ -429,7 +470,7 @@ def run_iteration(run: OnlineRun, it: int) -> dict[str, float]:
     if config.recompute_logprobs:  # in the first update pass's micro-batches: the same arithmetic
         old_pass(run.unwrapped, rollout, first, acc.device, config.temperature)
     else:
-        sampler_pass(run.unwrapped, rollout, first, acc.device)
+        sampler_pass(run.unwrapped, rollout, first, acc.device, config.temperature)
     timing["time/forward"] += time.perf_counter() - t0
     run.minibatch_stats = []
     bad = nonfinite_rollout(run, rollout)
@@ -456,6 +497,15 @@ def run_iteration(run: OnlineRun, it: int) -> dict[str, float]:
     }
 
 
+def known_lse(run: OnlineRun, rollout: Rollout, micro: Any) -> Tensor | None:
+    """The sampler's log-normalisers of ``micro``'s response positions while the update's forward still
+    computes the sampler's function: before this iteration's first optimiser step (its first minibatch),
+    without LoRA dropout (the update's passes would then differ from sampling); else ``None``."""
+    if rollout.lse is None or run.minibatch_stats or run.config.lora_dropout > 0:
+        return None
+    return micro.take(rollout.lse)
+
+
 def nonfinite_rollout(run: OnlineRun, rollout: Rollout) -> str | None:
     """What is not finite in the iteration's samples over every process (scores, the per-token log-ratio
     to the reference that every KL is made of), or ``None``."""
@@ -475,6 +525,7 @@ def update(run: OnlineRun, rollout: Rollout, batch: dict[str, Tensor], it: int) 
     token-budget micro-batches); returns the statistics' means over the minibatches."""
     config = run.config
     run.minibatch_stats = []
+    run.reference_same = False  # (the policy is about to move away from the reference)
     run.module.train()
     for epoch in range(config.ppo_epochs):
         for rows in minibatch_plan(len(rollout), config.minibatches, config.seed, it, epoch, rollout.group):
@@ -496,6 +547,7 @@ def resume(run: OnlineRun) -> bool:
     run.state = load_checkpoint(ckpt, run.unwrapped.policy, run.optimizer, run.scheduler, extra=extra)
     run.after_resume()
     run.saved_step = run.state["step"]
+    run.reference_same = False
     log.info("resumed from %s (iteration %d)", ckpt, run.state["step"])
     return True
 

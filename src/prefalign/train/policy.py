@@ -142,11 +142,17 @@ class PolicyLogits(nn.Module):
         return hidden[:, -(micro.width + 1) : -1]
 
     def forward(
-        self, micro: Micro, temperature: float, with_values: bool = False, targets: Tensor | None = None
+        self,
+        micro: Micro,
+        temperature: float,
+        with_values: bool = False,
+        targets: Tensor | None = None,
+        lse: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token, or with
-        ``targets`` ``[b, R']`` the log-probabilities of those tokens; no values."""
-        return self.head_output(self.hidden(micro), temperature, targets), None
+        ``targets`` ``[b, R']`` the log-probabilities of those tokens (``lse``: their log-normalisers where
+        already known, :func:`sampler_lse`); no values."""
+        return self.head_output(self.hidden(micro), temperature, targets, lse), None
 
     def old_outputs(self, micro: Micro, temperature: float) -> tuple[Tensor, Tensor, Tensor | None]:
         """Without gradients: the response tokens' log-probs and entropies ``[b, R']`` (computed as the
@@ -170,10 +176,13 @@ class PolicyLogits(nn.Module):
         """The critic's values ``[b, R']`` (none here: no critic)."""
         return None
 
-    def head_output(self, hidden: Tensor, temperature: float, targets: Tensor | None) -> Tensor:
+    def head_output(
+        self, hidden: Tensor, temperature: float, targets: Tensor | None, lse: Tensor | None = None
+    ) -> Tensor:
         """Logits from ``hidden`` (over temperature), or the log-probs of ``targets`` under them. Log-probs
         of a plain linear head are computed a chunk of rows at a time (no ``[b, R', V]`` tensor, nor its
-        gradient, ever exists: :class:`prefalign.memory.HeadTokenLogps`)."""
+        gradient, ever exists: :class:`prefalign.memory.HeadTokenLogps`); with ``lse`` (``[b, R']``, NaN
+        where unknown) the forward computes only the targets' logits."""
         from prefalign.memory import HEAD_CHUNK, HeadTokenLogps, plain_lm_head
 
         head = plain_lm_head(self.policy) if targets is not None else None
@@ -181,7 +190,9 @@ class PolicyLogits(nn.Module):
             logits = self.policy.get_output_embeddings()(hidden).float() / temperature
             return logits if targets is None else token_logps(logits, targets)
         flat = _rows_over_temperature(hidden, temperature)
-        return HeadTokenLogps.apply(flat, head.weight, targets.reshape(-1), HEAD_CHUNK).view(targets.shape)
+        known = None if lse is None else lse.reshape(-1).to(flat.device)
+        out = HeadTokenLogps.apply(flat, head.weight, targets.reshape(-1), HEAD_CHUNK, known)
+        return out.view(targets.shape)
 
 
 class PolicyWithValue(PolicyLogits):
@@ -207,13 +218,18 @@ class PolicyWithValue(PolicyLogits):
             nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, micro: Micro, temperature: float, with_values: bool = True, targets: Tensor | None = None
+        self,
+        micro: Micro,
+        temperature: float,
+        with_values: bool = True,
+        targets: Tensor | None = None,
+        lse: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits ``[b, R', V]`` (divided by ``temperature``) that predict each response token (with
-        ``targets``: the log-probs of those tokens), and the values ``[b, R']`` of the states they are
-        predicted from."""
+        ``targets``: the log-probs of those tokens, ``lse`` as in :meth:`PolicyLogits.forward`), and the
+        values ``[b, R']`` of the states they are predicted from."""
         hidden = self.hidden(micro)
-        logits = self.head_output(hidden, temperature, targets)
+        logits = self.head_output(hidden, temperature, targets, lse)
         return logits, (self.values_of(micro, hidden) if with_values else None)
 
     @property
@@ -236,6 +252,33 @@ class PolicyWithValue(PolicyLogits):
 
         values = token_scores(self.value_model, micro.input_ids, micro.attention_mask)
         return values[:, -(micro.width + 1) : -1]
+
+
+def sampler_lse(module: nn.Module, out: Any, temperature: float) -> Tensor | None:
+    """``[N, R]`` the log-normaliser of the sampling distribution at each response position (NaN off the
+    response mask), from what the sampler kept: ``log Z = logit(token) / T - log p(token)``, the token's
+    logit from the sampler's hidden state (a dot product per token, in the arithmetic of the update's
+    :func:`prefalign.memory.known_lse_logps`). Until the policy's first optimiser step after sampling,
+    these are the update forward's log-normalisers too (to float rounding), and that forward then skips
+    its pass over the vocabulary. ``None`` where that does not hold or cannot be read: no kept hidden
+    states, a head that is not a plain linear layer, greedy sampling, or mixed precision (the update's
+    logits are then rounded otherwise than the sampler's). LoRA dropout is the caller's to rule out."""
+    from prefalign.generation import is_greedy_temperature
+    from prefalign.memory import plain_lm_head
+
+    head = plain_lm_head(module.policy)
+    if out.hidden is None or head is None or is_greedy_temperature(temperature):
+        return None
+    if torch.is_autocast_enabled(out.hidden.device.type) or out.hidden.dtype != torch.float32:
+        return None
+    with torch.no_grad():
+        weight = head.weight
+        flat = _rows_over_temperature(out.hidden.to(weight.device), temperature)
+        picked = torch.einsum(
+            "nh,nh->n", flat, weight.index_select(0, out.response_ids.reshape(-1).to(weight.device))
+        )
+        lse = picked.float().view(out.response_ids.shape).cpu() - out.logprobs.cpu()
+        return lse.masked_fill(~out.response_mask.bool().cpu(), float("nan"))
 
 
 def old_pass(
@@ -261,13 +304,21 @@ def old_pass(
     module.train(was_training)
 
 
-def sampler_pass(module: nn.Module, rollout: Rollout, plans: list[list[int]], device: torch.device) -> None:
+def sampler_pass(
+    module: nn.Module,
+    rollout: Rollout,
+    plans: list[list[int]],
+    device: torch.device,
+    temperature: float | None = None,
+) -> None:
     """The cheap alternative to :func:`old_pass`: the sampler's log-probs and entropies are the old
     policy's already, a trunk value head reads the sampler's hidden states, and only a separate critic
-    runs its own forward (in ``plans``' micro-batches); without a critic, ``rollout.values`` stays unset."""
+    runs its own forward (in ``plans``' micro-batches); without a critic, ``rollout.values`` stays unset.
+    With the sampling ``temperature``, also the log-normalisers ``rollout.lse`` (:func:`sampler_lse`)."""
     out = rollout.out
     rollout.logprobs = out.logprobs.cpu()
     rollout.entropy = out.entropy.cpu()
+    rollout.lse = sampler_lse(module, out, temperature) if temperature is not None else None
     if module.value_head is None and getattr(module, "value_model", None) is None:
         return  # (no critic: GRPO, RLOO)
     with torch.no_grad():

@@ -125,7 +125,8 @@ def micro_loss(
     """Summed (not averaged) policy + value loss of one micro-batch, and summed statistics."""
     config = run.config
     micro = online.make_micro(rollout, rows, run.accelerator.device)
-    logprobs, values = run.module(micro, config.temperature, targets=micro.response_ids)
+    lse = online.known_lse(run, rollout, micro)
+    logprobs, values = run.module(micro, config.temperature, targets=micro.response_ids, lse=lse)
     take = {k: micro.take(v).to(logprobs.device) for k, v in batch.items()}
     mask = micro.mask
     n = mask.sum()

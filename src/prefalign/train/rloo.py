@@ -53,7 +53,10 @@ class RLOORun(grpo.GroupRun):
         and summed per-response statistics."""
         config = self.config
         micro = online.make_micro(rollout, rows, self.accelerator.device)
-        logprobs, _ = self.module(micro, config.temperature, with_values=False, targets=micro.response_ids)
+        lse = online.known_lse(self, rollout, micro)
+        logprobs, _ = self.module(
+            micro, config.temperature, with_values=False, targets=micro.response_ids, lse=lse
+        )
         old = (
             logprobs.detach() if grpo.fresh_old(config) else micro.take(batch["logprobs"]).to(logprobs.device)
         )

@@ -79,6 +79,8 @@ class Rollout:
         logprobs: ``[N, R]`` log-probs under the policy before this iteration's update ("old").
         values: ``[N, R]`` the critic's values before the update (PPO only).
         entropy: ``[N, R]`` the policy's entropy at each response position.
+        lse: ``[N, R]`` the sampling distribution's log-normaliser at each response position (NaN off
+            the mask; :func:`prefalign.train.policy.sampler_lse`), or ``None``.
     """
 
     out: GenerationOutput
@@ -91,6 +93,7 @@ class Rollout:
     logprobs: Tensor | None = None
     values: Tensor | None = None
     entropy: Tensor | None = None
+    lse: Tensor | None = None
 
     @property
     def mask(self) -> Tensor:
