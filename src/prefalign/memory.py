@@ -286,6 +286,13 @@ class HeadTokenLogps(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def target_logits(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """``(hidden @ weight^T)[row, targets[row]]`` per row in float32, one dot product each (no pass over the
+    vocabulary): the arithmetic by which the sampler's log-normalisers are read and the update's target
+    logits are computed, so that equal hidden states give equal numbers."""
+    return torch.einsum("nh,nh->n", hidden, weight.index_select(0, targets)).float()
+
+
 def known_lse_logps(
     hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, lse: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -294,7 +301,7 @@ def known_lse_logps(
     logit is computed (a dot product per row, not a pass over the vocabulary); rows whose ``lse`` is NaN
     get the full computation."""
     with torch.no_grad():
-        picked = torch.einsum("nh,nh->n", hidden, weight.index_select(0, targets)).float()
+        picked = target_logits(hidden, weight, targets)
         lse = lse.to(picked.dtype).clone()
         unknown = torch.isnan(lse).nonzero().squeeze(-1)
         if len(unknown):

@@ -395,14 +395,11 @@ def _same_weights(policy: nn.Module, reference: nn.Module | None) -> bool:
     """:func:`reference_is_policy`'s check of the weights (see there)."""
     with torch.no_grad():
         if reference is None:  # the LoRA policy with its adapter off
-            names = [name for name, _ in policy.named_parameters()]
-            if any("lora_magnitude_vector" in n for n in names) or not any("lora_B" in n for n in names):
+            params = dict(policy.named_parameters())
+            if any("lora_magnitude_vector" in n for n in params):
                 return False
-            return all(
-                not bool(p.any())
-                for n, p in policy.named_parameters()
-                if "lora_B" in n or "lora_embedding_B" in n
-            )
+            ups = [p for n, p in params.items() if "lora_B" in n or "lora_embedding_B" in n]
+            return bool(ups) and not any(bool(p.any()) for p in ups)
         if type(policy) is not type(reference):
             return False
         ours = dict(policy.state_dict(keep_vars=True))

@@ -257,14 +257,13 @@ class PolicyWithValue(PolicyLogits):
 def sampler_lse(module: nn.Module, out: Any, temperature: float) -> Tensor | None:
     """``[N, R]`` the log-normaliser of the sampling distribution at each response position (NaN off the
     response mask), from what the sampler kept: ``log Z = logit(token) / T - log p(token)``, the token's
-    logit from the sampler's hidden state (a dot product per token, in the arithmetic of the update's
-    :func:`prefalign.memory.known_lse_logps`). Until the policy's first optimiser step after sampling,
-    these are the update forward's log-normalisers too (to float rounding), and that forward then skips
-    its pass over the vocabulary. ``None`` where that does not hold or cannot be read: no kept hidden
+    logit from the sampler's hidden state (:func:`prefalign.memory.target_logits`, the update's
+    arithmetic). Until the policy's first optimiser step after sampling, these are the update forward's
+    log-normalisers too (to float rounding), and that forward then skips its pass over the vocabulary. ``None`` where that does not hold or cannot be read: no kept hidden
     states, a head that is not a plain linear layer, greedy sampling, or mixed precision (the update's
     logits are then rounded otherwise than the sampler's). LoRA dropout is the caller's to rule out."""
     from prefalign.generation import is_greedy_temperature
-    from prefalign.memory import plain_lm_head
+    from prefalign.memory import plain_lm_head, target_logits
 
     head = plain_lm_head(module.policy)
     if out.hidden is None or head is None or is_greedy_temperature(temperature):
@@ -274,10 +273,8 @@ def sampler_lse(module: nn.Module, out: Any, temperature: float) -> Tensor | Non
     with torch.no_grad():
         weight = head.weight
         flat = _rows_over_temperature(out.hidden.to(weight.device), temperature)
-        picked = torch.einsum(
-            "nh,nh->n", flat, weight.index_select(0, out.response_ids.reshape(-1).to(weight.device))
-        )
-        lse = picked.float().view(out.response_ids.shape).cpu() - out.logprobs.cpu()
+        picked = target_logits(flat, weight, out.response_ids.reshape(-1).to(weight.device))
+        lse = picked.view(out.response_ids.shape).cpu() - out.logprobs.cpu()
         return lse.masked_fill(~out.response_mask.bool().cpu(), float("nan"))
 
 
